@@ -10,9 +10,10 @@ The rule:
   requests queued at the router for the model plus those queued or running on its instances;
   any queued request therefore wants at least one instance (scale from zero);
 * scale **out** at once: desired rises to ``min(wanted, max_instances)`` in one step;
-* scale **in** only after keep-alive: desired is the largest demand seen during the last
-  ``keep_alive_s`` seconds, so an instance is removed only once demand has stayed below the
-  current count for that long (``min_instances = 0`` lets it reach zero);
+* scale **in** only after keep-alive: desired is the largest demand that held during the
+  last ``keep_alive_s`` seconds (a sample's demand holds until the next sample), so an
+  instance is removed only once demand has stayed below the current count for that long
+  (``min_instances = 0`` lets it reach zero);
 * always within ``[min_instances, max_instances]``, including right after the spec changes.
 """
 
@@ -96,9 +97,10 @@ class Reason(StrEnum):
 class PolicyState:
     """What :func:`decide` remembers between calls (one per deployment).
 
-    ``window`` holds (time, demand) samples of the last keep-alive seconds, kept as a
-    monotone queue: demands strictly decrease from front to back, so the front is the
-    window's maximum and the queue never holds more than ``max_instances + 1`` entries.
+    ``window`` holds (until, demand) pairs: each demand seen and the last time it was known
+    to hold, for the last keep-alive seconds. It is a monotone queue: demands strictly
+    decrease from front to back, so the front is the window's maximum and the queue never
+    holds more than ``max_instances + 1`` entries.
     """
 
     desired: int = 0
@@ -156,8 +158,14 @@ def decide(
     # demand above max cannot be served anyway.
     sample = min(wanted, spec.max_instances)
 
+    # A sample's demand holds until the next sample shows otherwise, so the latest entry's
+    # demand is known to have lasted until now: that, not when it was first seen, is what
+    # keep-alive counts from.
+    window = list(state.window)
+    if window:
+        window[-1] = (now, window[-1][1])
     horizon = now - spec.keep_alive_s
-    window = [(t, d) for (t, d) in state.window if t > horizon]
+    window = [(until, d) for (until, d) in window if until > horizon]
     while window and window[-1][1] <= sample:
         window.pop()
     window.append((now, sample))
@@ -187,7 +195,7 @@ def _reason(spec: DeploymentSpec, previous: int, desired: int, wanted: int) -> R
     if desired > previous:
         if wanted > spec.max_instances:
             return Reason.MAX_CAP
-        if wanted < desired:
+        if wanted < desired and desired == spec.min_instances:
             return Reason.MIN_FLOOR  # raised to a new (or newly applied) floor
         return Reason.SCALE_FROM_ZERO if previous == 0 else Reason.SCALE_OUT
     if desired < previous:

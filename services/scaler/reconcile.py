@@ -270,11 +270,11 @@ def reconcile(view: ClusterView) -> ReconcileResult:
     actions: list[Action] = []
     pending_keys = {op.key for op in view.pending}
     busy: set[str] = set()  # executors some pending operation is about
-    pending_assign: dict[str, str] = {}  # executor -> deployment
+    pending_assign: dict[str, str] = {}  # executor -> deployment (assigned or adopted)
     pending_release: set[str] = set()
     for op in view.pending:
         busy.update(op.executors)
-        if op.kind == "assign":
+        if op.kind in ("assign", "adopt"):
             for e in op.executors:
                 pending_assign[e] = op.deployment
         elif op.kind in ("release", "forget"):
