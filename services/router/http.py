@@ -1,0 +1,490 @@
+"""The router's OpenAI-compatible HTTP app (FastAPI), talking to a :class:`RouterBackend`.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics`` (Prometheus text), and the OpenAPI
+spec at ``/openapi.json``. Every error, ours or the framework's, leaves in the OpenAI error
+shape ``{"error": {"message", "type", "param", "code"}}`` with the status of the error class.
+
+A request's generation is tied to its client: when the client disconnects (before or during
+generation, streaming or not), the backend's ``cancel`` is called. Every wait is bounded: the
+first token by ``first_token_timeout_s`` (the backend's own queue wait should end sooner, with
+NoCapacity), later tokens by ``token_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.router.backend import ModelInfo, RouterBackend, TokenEvent
+from services.router.metrics import CONTENT_TYPE, RouterMetrics
+from services.router.openai_api import (
+    SSE_DONE,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TextAssembler,
+    Usage,
+    chat_prompt_ids,
+    completion_prompt_ids,
+    error_body,
+    error_body_for,
+    new_id,
+    now_s,
+    sampling_for,
+    sse,
+)
+from shared.errors import EngineError, LScaleError, ModelNotFound, NoCapacity
+
+CLIENT_CLOSED_STATUS = 499  # nginx's convention, and Cancelled.http_status
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    first_token_timeout_s: float = 120.0
+    token_timeout_s: float = 60.0
+    max_body_bytes: int = 8 * 1024 * 1024
+    title: str = "λScale router"
+
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Invalid request: bad JSON, parameter out of range, prompt empty or too long."),
+        (401, "Missing or wrong API key (only when keys are configured)."),
+        (404, "Unknown model."),
+        (413, "Request body too large."),
+        (499, "The client closed the connection."),
+        (503, "No instance could take the request in time."),
+        (504, "Generation stalled."),
+    )
+}
+
+
+def _stream_response(model: type[Any]) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "model": model,
+            "description": "The completion; with stream=true, server-sent events of chunks, "
+            "ending with `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **_ERROR_RESPONSES,
+    }
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected."""
+
+
+class _Generation:
+    """One backend generation, watched for client disconnects and stalls."""
+
+    def __init__(
+        self,
+        backend: RouterBackend,
+        request: Request,
+        events: AsyncIterator[TokenEvent],
+        request_id: str,
+        config: ApiConfig,
+    ) -> None:
+        self._backend = backend
+        self._events = events
+        self._request_id = request_id
+        self._config = config
+        self._first = True
+        self._finished = False
+        self._gone = asyncio.get_running_loop().create_task(self._watch(request.receive))
+
+    @staticmethod
+    async def _watch(receive: Callable[[], Awaitable[Any]]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def next(self) -> TokenEvent | None:
+        """The next event, None at the end; raises _ClientGone or a timeout error."""
+        timeout = (
+            self._config.first_token_timeout_s if self._first else self._config.token_timeout_s
+        )
+        step = asyncio.ensure_future(anext(self._events))
+        done, _ = await asyncio.wait(
+            {step, self._gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if step not in done:
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
+            if self._gone in done:
+                raise _ClientGone()
+            if self._first:
+                raise NoCapacity(f"no first token within {timeout:.0f} s")
+            raise EngineError(f"no token within {timeout:.0f} s")
+        self._first = False
+        try:
+            return step.result()
+        except StopAsyncIteration:
+            self._finished = True
+            return None
+
+    def mark_finished(self) -> None:
+        self._finished = True
+
+    async def close(self) -> None:
+        """Stop watching; cancel the backend's work unless it ran to its end. Shielded so
+        that it completes even while the surrounding task is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            self._gone.cancel()
+            with contextlib.suppress(BaseException):
+                await self._gone
+            if not self._finished:
+                with anyio.move_on_after(5.0):
+                    await self._backend.cancel(self._request_id)
+            with contextlib.suppress(BaseException):
+                await self._events.aclose()  # type: ignore[attr-defined]
+
+
+class _BodyLimit:
+    """Refuse bodies whose Content-Length exceeds the limit before reading them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    response = JSONResponse(
+                        error_body(413, f"request body larger than {self.limit} bytes"),
+                        status_code=413,
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    backend: RouterBackend,
+    config: ApiConfig | None = None,
+    metrics: RouterMetrics | None = None,
+) -> FastAPI:
+    cfg = config or ApiConfig()
+    stats = metrics or RouterMetrics()
+    app = FastAPI(title=cfg.title, version="1", openapi_url="/openapi.json")
+    app.state.metrics = stats
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+
+    bearer = HTTPBearer(auto_error=False, description="API key, when the router has keys.")
+
+    async def require_key(
+        creds: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        token = creds.credentials if creds else ""
+        if not any(hmac.compare_digest(token, key) for key in cfg.api_keys):
+            raise StarletteHTTPException(401, "missing or invalid API key")
+
+    guarded = [Depends(require_key)] if cfg.api_keys else []
+
+    def record(request: Request, status: int, body: Any = None) -> None:
+        model = getattr(request.state, "model", None)
+        if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
+            model = body["model"]  # a request that failed validation still names its model
+        model = str(model or "")[:200]
+        stats.requests.inc(
+            {"model": model, "endpoint": request.url.path, "status": str(status)}
+        )
+
+    # --- errors ---------------------------------------------------------------------------
+
+    @app.exception_handler(LScaleError)
+    async def _lscale_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LScaleError)
+        record(request, exc.http_status)
+        return JSONResponse(error_body_for(exc), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        record(request, 400, exc.body)
+        return JSONResponse(_validation_body(exc), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = "invalid_api_key" if exc.status_code == 401 else None
+        if exc.status_code != 404:
+            record(request, exc.status_code)
+        return JSONResponse(
+            error_body(exc.status_code, str(exc.detail), code=code),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        record(request, 500)
+        return JSONResponse(
+            error_body(500, f"internal error: {type(exc).__name__}", code="internal"),
+            status_code=500,
+        )
+
+    # --- models -----------------------------------------------------------------------------
+
+    async def find_model(model: str) -> ModelInfo:
+        for info in await backend.list_models():
+            if info.model_id == model:
+                return info
+        raise ModelNotFound(f"the model {model!r} does not exist", param="model")
+
+    def card(info: ModelInfo) -> ModelCard:
+        return ModelCard(
+            id=info.model_id, created=info.created, owned_by=info.owned_by,
+            max_model_len=info.max_context,
+        )
+
+    @app.get("/v1/models", response_model=ModelList, dependencies=guarded,
+             responses=_ERROR_RESPONSES)
+    async def list_models() -> ModelList:
+        return ModelList(data=[card(i) for i in await backend.list_models()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=guarded,
+             responses=_ERROR_RESPONSES)
+    async def get_model(model: str) -> ModelCard:
+        return card(await find_model(model))
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(stats.render(backend.model_stats()), media_type=CONTENT_TYPE)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def start(
+        request: Request, body: CompletionRequest | ChatCompletionRequest
+    ) -> tuple[_Generation, TokenEvent | None, int, Any, float]:
+        started = time.monotonic()
+        request.state.model = body.model
+        info = await find_model(body.model)
+        tokenizer = await backend.tokenizer(body.model)
+        if isinstance(body, CompletionRequest):
+            prompt_ids = completion_prompt_ids(body, tokenizer)
+        else:
+            prompt_ids = chat_prompt_ids(body, tokenizer)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        sampling = sampling_for(
+            body, len(prompt_ids), info.max_context, () if eos is None else (int(eos),)
+        )
+        request_id = new_id("req")
+        events = backend.generate(body.model, prompt_ids, sampling, request_id)
+        generation = _Generation(backend, request, events, request_id, cfg)
+        try:
+            first = await generation.next()
+        except _ClientGone:
+            await generation.close()
+            record(request, CLIENT_CLOSED_STATUS)
+            raise
+        except BaseException:
+            await generation.close()
+            raise
+        stats.tokens.inc({"model": body.model, "kind": "prompt"}, len(prompt_ids))
+        return generation, first, len(prompt_ids), tokenizer, started
+
+    async def run(
+        request: Request,
+        body: CompletionRequest | ChatCompletionRequest,
+        render_full: Callable[[str, str, str | None, Usage], dict[str, Any]],
+        render_chunk: Callable[[str, str, str | None, bool], dict[str, Any]],
+    ) -> Response:
+        try:
+            generation, first, prompt_len, tokenizer, started = await start(request, body)
+        except _ClientGone:
+            return Response(status_code=CLIENT_CLOSED_STATUS)
+        response_id = new_id("chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl")
+        assembler = TextAssembler(tokenizer, body.stop_sequences())
+        model = body.model
+        labels = {"model": model}
+
+        async def pump() -> AsyncIterator[tuple[str, str | None, int]]:
+            """(text delta, finish reason or None, completion tokens so far)."""
+            event = first
+            count = 0
+            stats.ttft.observe(labels, time.monotonic() - started)
+            while event is not None:
+                count += 1
+                delta = assembler.push(event.token_id)
+                if assembler.stopped:
+                    yield delta, "stop", count
+                    return  # close() cancels the rest of the generation
+                if event.finish_reason is not None:
+                    generation.mark_finished()
+                    yield delta + assembler.finish(), event.finish_reason, count
+                    return
+                if delta:
+                    yield delta, None, count
+                event = await generation.next()
+            yield assembler.finish(), "stop", count
+
+        def usage(count: int) -> Usage:
+            return Usage(prompt_tokens=prompt_len, completion_tokens=count,
+                         total_tokens=prompt_len + count)
+
+        def finished(count: int, status: int | None) -> None:
+            """Record the request; status None: an exception handler will record it."""
+            stats.tokens.inc({"model": model, "kind": "completion"}, count)
+            stats.e2e.observe(labels, time.monotonic() - started)
+            if status is not None:
+                record(request, status)
+
+        if not body.stream:
+            text, reason, count = [], None, 0
+            try:
+                async for step in pump():
+                    delta, reason, count = step
+                    text.append(delta)
+            except _ClientGone:
+                finished(count, CLIENT_CLOSED_STATUS)
+                return Response(status_code=CLIENT_CLOSED_STATUS)
+            except LScaleError:
+                finished(count, None)
+                raise
+            finally:
+                await generation.close()
+            finished(count, 200)
+            return JSONResponse(render_full(response_id, "".join(text), reason, usage(count)))
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def stream() -> AsyncIterator[str]:
+            count, status = 0, 200
+            try:
+                if isinstance(body, ChatCompletionRequest):  # the role comes first
+                    yield sse(render_chunk(response_id, "", None, True))
+                async for step in pump():
+                    delta, reason, count = step
+                    if delta or reason:
+                        yield sse(render_chunk(response_id, delta, reason, False))
+                if include_usage:
+                    chunk = render_chunk(response_id, "", None, False)
+                    chunk["choices"] = []
+                    chunk["usage"] = usage(count).model_dump()
+                    yield sse(chunk)
+                yield SSE_DONE
+            except _ClientGone:
+                status = CLIENT_CLOSED_STATUS
+            except LScaleError as exc:
+                status = exc.http_status
+                yield sse(error_body_for(exc))
+            except BaseException:
+                status = CLIENT_CLOSED_STATUS  # cancelled by the server on disconnect
+                raise
+            finally:
+                await generation.close()
+                finished(count, status)
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=guarded,
+              responses=_stream_response(CompletionResponse))
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        created = now_s()
+
+        def full(rid: str, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
+            choice = CompletionChoice(text=text, finish_reason=reason)  # type: ignore[arg-type]
+            return CompletionResponse(
+                id=rid, created=created, model=body.model, choices=[choice], usage=usage
+            ).model_dump()
+
+        def chunk(rid: str, text: str, reason: str | None, first: bool) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": body.model, "choices": [choice]}
+
+        return await run(request, body, full, chunk)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              dependencies=guarded, responses=_stream_response(ChatCompletionResponse))
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        created = now_s()
+
+        def full(rid: str, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
+            choice = ChatChoice(
+                message=AssistantMessage(content=text),
+                finish_reason=reason,  # type: ignore[arg-type]
+            )
+            return ChatCompletionResponse(
+                id=rid, created=created, model=body.model, choices=[choice], usage=usage
+            ).model_dump()
+
+        def chunk(rid: str, text: str, reason: str | None, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": body.model, "choices": [choice]}
+
+        return await run(request, body, full, chunk)
+
+    def openapi() -> dict[str, Any]:
+        # FastAPI documents a 422 for every body; this app answers validation errors with a
+        # 400 in the OpenAI error shape instead, so the 422 entries would be wrong.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
+    errors = exc.errors()
+    if not errors:
+        return error_body(400, "invalid request")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return error_body(400, "the request body is not valid JSON", code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Unions report the branch tried (e.g. prompt.str); the parameter is the first name.
+    param = loc[0] if loc else None
+    message = str(first.get("msg", "invalid value"))
+    where = ".".join(loc)
+    text = f"{where}: {message}" if where else message
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return error_body(400, text, param=param, code="invalid_value")

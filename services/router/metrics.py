@@ -1,0 +1,129 @@
+"""The router's Prometheus metrics, rendered in the text exposition format (version 0.0.4).
+
+Written here rather than with ``prometheus_client`` to avoid a dependency for three metric
+kinds: counters and histograms the app updates, and gauges read from the backend's snapshot
+at scrape time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from services.router.backend import ModelStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: Labels, extra: Labels = ()) -> str:
+    pairs = (*labels, *extra)
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name, self.help = name, help_text
+        self._values: dict[Labels, float] = {}
+
+    def inc(self, labels: Mapping[str, str], amount: float = 1.0) -> None:
+        key = tuple(sorted(labels.items()))
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, labels: Mapping[str, str]) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for key in sorted(self._values):
+            yield f"{self.name}{_labels(key)} {_number(self._values[key])}"
+
+
+class Histogram:
+    def __init__(
+        self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS_S
+    ) -> None:
+        self.name, self.help = name, help_text
+        self.buckets = tuple(sorted(buckets))
+        self._counts: dict[Labels, list[int]] = {}
+        self._sums: dict[Labels, float] = {}
+
+    def observe(self, labels: Mapping[str, str], value: float) -> None:
+        key = tuple(sorted(labels.items()))
+        counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+        counts[bisect.bisect_left(self.buckets, value)] += 1
+        self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def count(self, labels: Mapping[str, str]) -> int:
+        return sum(self._counts.get(tuple(sorted(labels.items())), []))
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        for key in sorted(self._counts):
+            running = 0
+            for bound, n in zip((*self.buckets, math.inf), self._counts[key], strict=True):
+                running += n
+                le = (("le", _number(bound)),)
+                yield f"{self.name}_bucket{_labels(key, le)} {running}"
+            yield f"{self.name}_sum{_labels(key)} {_number(self._sums[key])}"
+            yield f"{self.name}_count{_labels(key)} {running}"
+
+
+class RouterMetrics:
+    """What the HTTP app records; gauges come from the backend at scrape time."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "lscale_router_requests_total", "Finished API requests by model, endpoint and status."
+        )
+        self.tokens = Counter(
+            "lscale_router_tokens_total", "Tokens by model and kind (prompt, completion)."
+        )
+        self.ttft = Histogram(
+            "lscale_router_time_to_first_token_seconds", "Time from request to first token."
+        )
+        self.e2e = Histogram(
+            "lscale_router_request_duration_seconds", "Time from request to its last token."
+        )
+
+    def render(self, stats: Mapping[str, ModelStats]) -> str:
+        lines: list[str] = []
+        for metric in (self.requests, self.tokens, self.ttft, self.e2e):
+            lines.extend(metric.render())
+        gauges = (
+            ("lscale_router_queue_depth", "Requests waiting for an instance.", "queue_depth"),
+            ("lscale_router_local_instances", "Executors holding the whole model.",
+             "local_instances"),
+            ("lscale_router_pipelines", "Execution pipelines over partial copies.", "pipelines"),
+            ("lscale_router_outstanding_requests", "Requests running on instances.",
+             "outstanding"),
+        )
+        for name, help_text, attr in gauges:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            for model in sorted(stats):
+                value = float(getattr(stats[model], attr))
+                lines.append(f"{name}{_labels((('model', model),))} {_number(value)}")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,393 @@
+"""OpenAI-compatible request/response schemas and the pure helpers around them.
+
+The pydantic models here *are* the OpenAPI spec of the router (FastAPI derives
+``/openapi.json`` from them), so every constraint the server enforces on a field is declared on
+the field. Parameters that OpenAI defines but we do not implement are declared too, so that a
+request using them gets a clear 400 instead of being silently ignored; unknown extra fields are
+ignored (clients send new fields before servers know them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.router.backend import FinishReason, SamplingParams
+from shared.errors import ContextTooLong, InvalidParameter, LScaleError
+
+MAX_STOP_SEQUENCES = 4
+
+# --- requests ------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, description="Id of a model listed by GET /v1/models.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=1, description="Number of choices; only 1 is supported.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_SEQUENCES} sequences that end the generation."
+    )
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_stop(self) -> _SamplingFields:
+        stops = self.stop_sequences()
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} sequences")
+        if any(s == "" for s in stops):
+            raise ValueError("stop: sequences must not be empty")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Prompt = Field(
+        description="Text, or token ids; a list of several prompts is not supported."
+    )
+    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate (default 16).")
+    echo: bool | None = Field(False, description="Not supported; must be false.")
+    logprobs: int | None = Field(None, ge=0, le=0, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    suffix: str | None = Field(None, description="Not supported; must be null.")
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        return self
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate (default: the rest of the context)."
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    logprobs: bool | None = Field(False, description="Not supported; must be false.")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="Not supported.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
+
+    @model_validator(mode="after")
+    def _check_unsupported(self) -> ChatCompletionRequest:
+        if self.logprobs:
+            raise ValueError("logprobs is not supported")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def error_type_for(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status == 503:
+        return "service_unavailable_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    detail = ErrorDetail(message=message, type=error_type_for(status), param=param, code=code)
+    return ErrorResponse(error=detail).model_dump()
+
+
+def error_body_for(err: LScaleError) -> dict[str, Any]:
+    param = err.details.get("param")
+    return error_body(
+        err.http_status, err.message, param=str(param) if param else None, code=err.code
+    )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json(exclude_none=False)
+    else:
+        text = json.dumps(payload, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[int]:
+    """Token ids of a completion prompt: text is tokenized, token ids are checked."""
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise InvalidParameter("only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]  # type: ignore[assignment]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidParameter("prompt must not be empty", param="prompt")
+        return list(tokenizer.encode(prompt))
+    ids = [t for t in prompt if isinstance(t, int)]
+    if len(ids) != len(prompt):
+        raise InvalidParameter("prompt must be text or a list of token ids", param="prompt")
+    if not ids:
+        raise InvalidParameter("prompt must not be empty", param="prompt")
+    vocab = len(tokenizer)
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise InvalidParameter(
+            f"prompt token ids must be in 0..{vocab - 1}; got {bad[0]}", param="prompt"
+        )
+    return ids
+
+
+DEFAULT_CHAT_TEMPLATE_NOTE = (
+    "Used when a tokenizer has no chat template: one 'role: content' line per message, then "
+    "'assistant:' to prompt the reply."
+)
+
+
+def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+    """Render the conversation with the tokenizer's chat template, or a plain default."""
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template may reject a conversation (e.g. role order)
+            raise InvalidParameter(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from exc
+        ids = list(tokenizer.encode(str(text), add_special_tokens=False))
+    else:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        ids = list(tokenizer.encode(text))
+    if not ids:
+        raise InvalidParameter("messages render to an empty prompt", param="messages")
+    return ids
+
+
+def sampling_for(
+    request: CompletionRequest | ChatCompletionRequest,
+    prompt_len: int,
+    max_context: int,
+    stop_token_ids: Sequence[int],
+) -> SamplingParams:
+    """Sampling parameters with max_tokens resolved against the context window."""
+    room = max_context - prompt_len
+    if room < 1:
+        raise ContextTooLong(
+            f"the prompt has {prompt_len} tokens; the model's context is {max_context} "
+            "tokens, leaving no room to generate",
+            param="prompt" if isinstance(request, CompletionRequest) else "messages",
+        )
+    if isinstance(request, ChatCompletionRequest):
+        wanted = request.requested_max_tokens()
+        max_tokens = room if wanted is None else wanted
+    else:
+        max_tokens = request.max_tokens or 16
+    if max_tokens > room:
+        raise ContextTooLong(
+            f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"model's context of {max_context} tokens",
+            param="max_tokens",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        stop_token_ids=tuple(stop_token_ids),
+    )
+
+
+class TextAssembler:
+    """Turns a growing list of token ids into text deltas, honouring stop sequences.
+
+    Decoding the whole sequence each time (rather than token by token) keeps multi-byte
+    characters and tokenizer-specific spacing right; text that could still be the start of a
+    stop sequence, or an incomplete UTF-8 character, is held back until it is decided.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self._tokenizer = tokenizer
+        self._stops = list(stops)
+        self._ids: list[int] = []
+        self._emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; returns the text that is now final."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        self.text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        for stop in self._stops:
+            at = self.text.find(stop)
+            if at != -1:
+                self.text = self.text[:at]
+                self.stopped = True
+        if self.stopped:
+            return self._take(len(self.text))
+        final = len(self.text)
+        if self.text.endswith("\ufffd"):
+            final = len(self.text.rstrip("\ufffd"))
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, final), 0, -1):
+                if self.text[final - k : final] == stop[:k]:
+                    final = min(final, len(self.text) - k)
+                    break
+        return self._take(final)
+
+    def finish(self) -> str:
+        """Everything not yet emitted (the generation ended)."""
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        upto = max(upto, self._emitted)
+        delta = self.text[self._emitted : upto]
+        self._emitted = upto
+        return delta
+
