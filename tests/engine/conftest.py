@@ -124,7 +124,8 @@ def hf_logits(ckpt: Checkpoint, token_ids: list[int]) -> torch.Tensor:
 def hf_greedy(ckpt: Checkpoint, token_ids: list[int], new_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = ckpt.hf_model.generate(
-            torch.tensor([token_ids]), attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+            torch.tensor([token_ids]),
+            attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
         )
     return [int(t) for t in out[0, len(token_ids):]]
