@@ -1,0 +1,213 @@
+"""Runs a multicast plan: each edge as soon as its chunk is at its sender (the driver core).
+
+The driver knows nothing of sockets or NATS: it calls an async ``send(edge)`` that returns
+once the chunk has landed at the edge's receiver (the transfer service's version asks the
+sender's data-plane peer to write into the receiver's region). Edges start in plan order as
+soon as (a) the sender holds the chunk — this is the plan's per-edge dependency — and (b) the
+sender has a free send slot and the receiver a free receive slot (one each by default, the
+plan's link model), so fast links run ahead of the tick barrier instead of waiting for it.
+
+On a failed send the driver decides who is dead (the error's ``node`` detail, else the
+optional ``probe``, else the receiver), lets the other in-flight edges finish, and re-plans the
+rest from what the survivors hold (:func:`services.transfer.planner.replan`). It returns
+per-receiver completion times, bytes, and what failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from services.transfer.planner import Edge, MulticastPlan, replan
+from shared.errors import LScaleError, PlanError, TransportError
+
+log = structlog.get_logger("transfer.driver")
+
+SendFn = Callable[[Edge], Awaitable[None]]
+ProbeFn = Callable[[str], Awaitable[bool]]
+
+
+@dataclass
+class TransferResult:
+    completion_s: dict[str, float]  # receiver -> seconds from start until it held every chunk
+    bytes_received: dict[str, int]
+    failed: dict[str, str]  # node -> why it was dropped
+    replans: int
+    edges_done: int
+    elapsed_s: float
+    arrivals: list[tuple[float, str, int]] = field(default_factory=list)  # (s, node, chunk)
+    complete: bool = False  # every surviving receiver holds every chunk
+
+
+class TransferDriver:
+    def __init__(self, plan: MulticastPlan, send: SendFn, *,
+                 chunk_bytes: Callable[[int], int] | None = None, probe: ProbeFn | None = None,
+                 sends_per_node: int = 1, receives_per_node: int = 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.plan = plan
+        self.send = send
+        self.chunk_bytes = chunk_bytes or (lambda _c: 0)
+        self.probe = probe
+        self.sends_per_node = sends_per_node
+        self.receives_per_node = receives_per_node
+        self.clock = clock
+        n = plan.num_chunks
+        self.held: dict[str, set[int]] = {h: set(range(n)) for h in plan.holders}
+        for r in plan.receivers:
+            self.held[r] = set()
+        self.alive: set[str] = set(plan.holders) | set(plan.receivers)
+        self.failed: dict[str, str] = {}
+
+    async def run(self, timeout_s: float = 600.0) -> TransferResult:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._run()
+        except TimeoutError as exc:
+            raise TransportError(f"transfer did not finish within {timeout_s} s") from exc
+
+    async def _run(self) -> TransferResult:
+        start = self.clock()
+        pending: list[Edge] = self.plan.edges()
+        sending: dict[str, int] = defaultdict(int)
+        receiving: dict[str, int] = defaultdict(int)
+        running: dict[asyncio.Task[None], Edge] = {}
+        completion: dict[str, float] = {}
+        received: dict[str, int] = defaultdict(int)
+        arrivals: list[tuple[float, str, int]] = []
+        replans = edges_done = 0
+        num_chunks = self.plan.num_chunks
+        wanted = set(self.plan.receivers)
+
+        def done_receivers() -> bool:
+            return all(len(self.held[r]) == num_chunks for r in wanted if r in self.alive)
+
+        try:
+            while True:
+                # start every ready edge whose sender and receiver have a free slot
+                still: list[Edge] = []
+                for e in pending:
+                    if e.src not in self.alive or e.dst not in self.alive:
+                        continue
+                    if e.chunk in self.held[e.dst]:
+                        continue  # already there (re-plans can overlap)
+                    if (e.chunk in self.held[e.src] and sending[e.src] < self.sends_per_node
+                            and receiving[e.dst] < self.receives_per_node):
+                        sending[e.src] += 1
+                        receiving[e.dst] += 1
+                        running[asyncio.ensure_future(self.send(e))] = e
+                    else:
+                        still.append(e)
+                pending = still
+                if not running:
+                    if done_receivers():
+                        break
+                    # nothing can run: the remaining plan is unusable (a node died). Re-plan.
+                    pending = self._replan(wanted)
+                    replans += 1
+                    if not pending:
+                        break
+                    continue
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                failures: list[tuple[Edge, BaseException]] = []
+                for task in finished:
+                    e = running.pop(task)
+                    sending[e.src] -= 1
+                    receiving[e.dst] -= 1
+                    exc = task.exception()
+                    if exc is None:
+                        edges_done += 1
+                        now = self.clock() - start
+                        self.held[e.dst].add(e.chunk)
+                        received[e.dst] += self.chunk_bytes(e.chunk)
+                        arrivals.append((now, e.dst, e.chunk))
+                        if e.dst in wanted and len(self.held[e.dst]) == num_chunks:
+                            completion[e.dst] = now
+                    else:
+                        failures.append((e, exc))
+                for e, exc in failures:
+                    dead = await self._blame(e, exc)
+                    for node in dead:
+                        if node in self.alive:
+                            self.alive.discard(node)
+                            self.failed[node] = f"{type(exc).__name__}: {exc}"
+                            log.warning("node dropped from transfer", node=node,
+                                        edge=(e.src, e.dst, e.chunk), error=str(exc))
+                if failures:
+                    # let in-flight edges among survivors finish, then plan the rest afresh
+                    for task, e in list(running.items()):
+                        if e.src not in self.alive or e.dst not in self.alive:
+                            task.cancel()
+                    pending = []
+        finally:
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+        return TransferResult(completion_s=completion,
+                              bytes_received={r: received[r] for r in self.plan.receivers},
+                              failed=dict(self.failed), replans=replans, edges_done=edges_done,
+                              elapsed_s=self.clock() - start, arrivals=arrivals,
+                              complete=done_receivers())
+
+    async def _blame(self, edge: Edge, exc: BaseException) -> list[str]:
+        if isinstance(exc, asyncio.CancelledError):
+            return []
+        node = exc.details.get("node") if isinstance(exc, LScaleError) else None
+        if isinstance(node, str) and node in (edge.src, edge.dst):
+            return [node]
+        if self.probe is not None:
+            dead = []
+            for candidate in (edge.src, edge.dst):
+                try:
+                    alive = await asyncio.wait_for(self.probe(candidate), 5.0)
+                except (TimeoutError, LScaleError, OSError):
+                    alive = False
+                if not alive:
+                    dead.append(candidate)
+            if dead:
+                return dead
+        return [edge.dst]
+
+    def _replan(self, wanted: Iterable[str]) -> list[Edge]:
+        live_receivers = [r for r in wanted if r in self.alive]
+        if not live_receivers:
+            return []
+        try:
+            ticks = replan({n: self.held[n] for n in self.alive}, self.alive, live_receivers,
+                           self.plan.num_chunks)
+        except PlanError:
+            log.error("cannot finish the transfer from the survivors",
+                      alive=sorted(self.alive), failed=self.failed)
+            raise
+        log.info("re-planned", ticks=len(ticks), alive=len(self.alive), failed=len(self.failed))
+        return [e for tick in ticks for e in tick]
+
+
+async def run_plan(plan: MulticastPlan, send: SendFn, *, timeout_s: float = 600.0,
+                   chunk_bytes: Callable[[int], int] | None = None,
+                   probe: ProbeFn | None = None) -> TransferResult:
+    return await TransferDriver(plan, send, chunk_bytes=chunk_bytes, probe=probe).run(timeout_s)
+
+
+def first_pipeline_seconds(result: TransferResult, blocks: int, parts: int,
+                           receivers: Sequence[str]) -> float | None:
+    """When the receivers together first held every block on distinct nodes, in order."""
+    from services.transfer.planner import find_pipeline
+
+    count: dict[tuple[str, int], int] = defaultdict(int)
+    have: dict[str, set[int]] = {r: set() for r in receivers}
+    for t, node, chunk in sorted(result.arrivals):
+        if node not in have:
+            continue
+        block = chunk // parts
+        count[(node, block)] += 1
+        if count[(node, block)] == parts:
+            have[node].add(block)
+            if find_pipeline(have, blocks) is not None:
+                return t
+    return None
