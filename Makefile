@@ -1,0 +1,41 @@
+# λScale — `make run` starts a local cluster, `make test` runs the tests.
+# Both bootstrap .venv on first use (Python >= 3.11 and make are all a fresh machine needs).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch first and pinned: unpinned, pip would choose a multi-GB CUDA build
+TORCH  ?= torch==2.13.0
+EXECUTORS ?= 2
+HTTP_PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "λScale needs Python >= 3.11, found " + sys.version.split()[0])'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lscale up --executors $(EXECUTORS) --http-port $(HTTP_PORT)
+
+# pytest exits 5 when it collected no test: that is a broken suite, never a pass.
+test: $(STAMP)
+	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests — failing on purpose" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy shared services loadgen
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,208 @@
+"""``lscale up`` and ``lscale status``: run a local cluster, and see what is in it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from services.cli.supervisor import ChildSpec, Supervisor, python_module
+
+CORE_SERVICES = ("router", "scaler", "model_store", "transfer")
+# stop order: ingress first, so no new work enters; executors last but one; NATS last
+_STOP_ORDER = {"router": 0, "scaler": 1, "transfer": 2, "executor": 3, "model_store": 4}
+CLUSTER_FILE = "cluster.json"
+
+
+def default_state_dir() -> str:
+    return os.environ.get("LSCALE_STATE_DIR", ".lscale")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = sub.add_parser("up", help="start a local cluster (NATS, services, executors)")
+    up.add_argument("--executors", type=int, default=2, help="number of executors (default 2)")
+    up.add_argument("--http-port", type=int, default=8000, help="router HTTP port (default 8000)")
+    up.add_argument("--nats-url", default=None,
+                    help="use this NATS server instead of starting an embedded one")
+    up.add_argument("--nats-port", type=int, default=-1,
+                    help="port of the embedded NATS server (default: a free port)")
+    up.add_argument("--state-dir", default=default_state_dir(),
+                    help="cluster state directory (default .lscale, env LSCALE_STATE_DIR)")
+    up.add_argument("--ready-timeout", type=float, default=60.0,
+                    help="seconds to wait for every service to answer discovery")
+    up.add_argument("--no-default-model", action="store_true",
+                    help="do not create and deploy the default tiny model")
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="list the services and executors of a cluster")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--nats-url", default=None,
+                        help="NATS URL (default: the one `lscale up` recorded in the state dir)")
+    status.add_argument("--state-dir", default=default_state_dir())
+    status.add_argument("--window", type=float, default=0.5,
+                        help="seconds to collect discovery replies")
+    status.set_defaults(func=cmd_status)
+
+
+def resolve_nats_url(explicit: str | None, state_dir: str) -> str:
+    """The NATS URL from a flag, ``LSCALE_NATS_URL``, or the running cluster's record."""
+    from shared.errors import ConfigError
+
+    if explicit:
+        return explicit
+    if env := os.environ.get("LSCALE_NATS_URL"):
+        return env
+    record = Path(state_dir) / CLUSTER_FILE
+    if record.is_file():
+        try:
+            return str(json.loads(record.read_text())["nats_url"])
+        except (ValueError, KeyError) as exc:
+            raise ConfigError("nats_url", f"{record} is unreadable: {exc}") from exc
+    raise ConfigError("nats_url", f"no cluster found in {state_dir} (is `lscale up` running?); "
+                      "pass --nats-url or set LSCALE_NATS_URL")
+
+
+# --- status --------------------------------------------------------------------------------
+async def _status(nats_url: str, window: float) -> list[dict[str, Any]]:
+    from shared.bus import Bus
+    from shared.discovery import discover
+
+    bus = await Bus.connect(nats_url, "lscale-cli", max_reconnect_attempts=0)
+    try:
+        return [r.to_dict() for r in await discover(bus, window=window)]
+    finally:
+        await bus.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shared.runtime import run_async
+
+    url = resolve_nats_url(args.nats_url, args.state_dir)
+    records: list[dict[str, Any]] = run_async(_status(url, args.window))
+    if args.json:
+        print(json.dumps({"nats_url": url, "services": records}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"λScale cluster at {url}")
+    for col in ("kind", "id", "state", "uptime", "requests", "errors"):
+        table.add_column(col)
+    for r in records:
+        reqs = sum(int(e.get("num_requests", 0)) for e in r["endpoints"])
+        errs = sum(int(e.get("num_errors", 0)) for e in r["endpoints"])
+        uptime = f"{r['uptime_s']:.0f}s" if r["uptime_s"] is not None else "?"
+        table.add_row(r["kind"], r["id"], r["state"], uptime, str(reqs), str(errs))
+    Console().print(table)
+    if not records:
+        print("no services answered discovery", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- up ------------------------------------------------------------------------------------
+def child_specs(n_executors: int, env: dict[str, str]) -> list[ChildSpec]:
+    specs = []
+    for kind in CORE_SERVICES:
+        specs.append(ChildSpec(f"{kind}-0", python_module(f"services.{kind}"),
+                               {**env, "LSCALE_INSTANCE_ID": f"{kind}-0"}, _STOP_ORDER[kind]))
+    for i in range(n_executors):
+        specs.append(ChildSpec(f"exec-{i}", python_module("services.executor"),
+                               {**env, "LSCALE_INSTANCE_ID": f"exec-{i}"}, _STOP_ORDER["executor"]))
+    return specs
+
+
+async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
+                      alive: Callable[[], None]) -> set[str]:
+    """Wait until every expected instance id answers discovery as running; returns missing."""
+    from shared.bus import Bus
+    from shared.discovery import discover
+    from shared.kv import ensure_buckets
+
+    bus = await Bus.connect(nats_url, "lscale-up")
+    try:
+        await ensure_buckets(bus)
+        deadline = time.monotonic() + timeout
+        missing = set(expected)
+        while time.monotonic() < deadline:
+            alive()
+            found = {r.id for r in await discover(bus, window=0.3) if r.state == "running"}
+            missing = expected - found
+            if not missing:
+                break
+            await asyncio.sleep(0.2)
+        return missing
+    finally:
+        await bus.close()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from shared.errors import ConfigError, LScaleError
+    from shared.natsserver import NatsServer
+    from shared.runtime import run_async
+
+    if args.executors < 0:
+        raise ConfigError("executors", "must be >= 0")
+    state_dir = Path(args.state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    record = state_dir / CLUSTER_FILE
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    server: NatsServer | None = None
+    supervisor = Supervisor(state_dir / "logs", report=lambda m: print(f"lscale: {m}", flush=True))
+    try:
+        if args.nats_url:
+            nats_url = args.nats_url
+        else:
+            server = NatsServer(port=args.nats_port, store_dir=state_dir / "nats").start()
+            nats_url = server.url
+        env = {"LSCALE_NATS_URL": nats_url, "LSCALE_STATE_DIR": str(state_dir),
+               "LSCALE_HTTP_PORT": str(args.http_port)}
+        specs = child_specs(args.executors, env)
+        for spec in specs:
+            supervisor.start(spec)
+        print(f"lscale: starting {len(specs)} services (logs in {state_dir / 'logs'})", flush=True)
+
+        def alive() -> None:
+            supervisor.check()
+            if stopping:
+                raise KeyboardInterrupt
+
+        missing = run_async(_wait_ready(nats_url, {s.name for s in specs}, args.ready_timeout,
+                                        alive))
+        if missing:
+            raise LScaleError(f"not ready within {args.ready_timeout:.0f}s: "
+                              f"{', '.join(sorted(missing))} (see {state_dir / 'logs'})")
+        http_url = f"http://127.0.0.1:{args.http_port}"
+        record.write_text(json.dumps({"nats_url": nats_url, "http_url": http_url,
+                                      "pid": os.getpid(), "executors": args.executors}))
+        print(f"lscale: cluster ready — HTTP {http_url}  NATS {nats_url}", flush=True)
+        print("lscale: press Ctrl-C to stop", flush=True)
+        while not stopping:
+            supervisor.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("lscale: stopping", flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup
+        supervisor.stop_all()
+        if server is not None:
+            server.stop()
+        record.unlink(missing_ok=True)
+        print("lscale: stopped", flush=True)
+    return 0

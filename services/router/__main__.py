@@ -1,0 +1,7 @@
+"""``python -m services.router``"""
+
+import sys
+
+from services.router.service import RouterService
+
+sys.exit(RouterService.main())

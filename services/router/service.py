@@ -1,0 +1,19 @@
+"""The router service (shell: registers and answers discovery; its logic lands with its issue)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.config import ServiceConfig
+from shared.runtime import Service
+
+
+class RouterService(Service[ServiceConfig]):
+    kind = "router"
+    description = "λScale router"
+
+    async def setup(self) -> None:
+        await self.endpoint("status", f"lscale.router.{self.id}.status", self._status)
+
+    async def _status(self, body: Any, msg: Any) -> dict[str, Any]:
+        return {"state": self.state, "id": self.id}

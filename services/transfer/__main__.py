@@ -1,0 +1,7 @@
+"""``python -m services.transfer``"""
+
+import sys
+
+from services.transfer.service import TransferService
+
+sys.exit(TransferService.main())

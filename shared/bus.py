@@ -1,0 +1,379 @@
+"""The NATS bus: connection, msgpack codec, publish/subscribe and typed request/reply.
+
+Replies are envelopes: ``{"ok": <payload>}`` or ``{"error": {"code", "message", "details"}}``.
+:meth:`Bus.request` returns the payload (decoded into a message type when one is given) or
+raises the :mod:`shared.errors` class the peer's code names. Every request has a timeout.
+Payloads larger than the server's ``max_payload`` are refused locally before anything is sent.
+
+Handlers registered with :meth:`Bus.subscribe` / :meth:`Bus.serve` run concurrently (each
+message in its own task, bounded), so a slow request never blocks the subject; a message that
+fails to decode is logged and counted (``decode_errors``), never crashes the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+import msgpack
+import nats
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from shared.errors import (
+    BusError,
+    DecodeError,
+    LScaleError,
+    NoResponders,
+    NotConnected,
+    PayloadTooLarge,
+    RequestTimeout,
+    error_from_wire,
+)
+from shared.messages import Message
+
+log = structlog.get_logger("bus")
+
+M = TypeVar("M", bound=Message)
+DEFAULT_TIMEOUT = 5.0
+# how many handler tasks one subscription may run at once before it stops reading messages
+DEFAULT_CONCURRENCY = 256
+
+
+def encode(obj: Any) -> bytes:
+    if isinstance(obj, Message):
+        obj = obj.to_wire()
+    try:
+        return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BusError(f"cannot encode {type(obj).__name__}: {exc}") from exc
+
+
+def decode(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise DecodeError(f"not valid msgpack ({type(exc).__name__}: {exc})") from exc
+
+
+def ok_envelope(payload: Any) -> bytes:
+    return encode({"ok": payload.to_wire() if isinstance(payload, Message) else payload})
+
+
+def error_envelope(err: LScaleError) -> bytes:
+    return encode({"error": err.to_wire()})
+
+
+def unwrap_reply(data: bytes) -> Any:
+    """Payload of a reply envelope, or raise the error it carries."""
+    body = decode(data)
+    if isinstance(body, dict):
+        if "error" in body and isinstance(body["error"], dict):
+            raise error_from_wire(body["error"])
+        if "ok" in body:
+            return body["ok"]
+    raise DecodeError("reply is not an {ok|error} envelope")
+
+
+@dataclass
+class HandlerStats:
+    """Per-subscription counters, reported by the runtime as NATS micro endpoint stats."""
+
+    num_requests: int = 0
+    num_errors: int = 0
+    processing_time_ns: int = 0
+    last_error: str = ""
+    decode_errors: int = 0
+
+    def record(self, started_ns: int, error: BaseException | None) -> None:
+        self.num_requests += 1
+        self.processing_time_ns += time.perf_counter_ns() - started_ns
+        if error is not None:
+            self.num_errors += 1
+            self.last_error = str(error)
+
+
+# A request handler gets the decoded request (a message, or the raw map) and the NATS message;
+# it returns the reply payload (a Message, a msgpack-native value, or None for an empty ok).
+RequestHandler = Callable[[Any, Msg], Awaitable[Any]]
+EventHandler = Callable[[Any, Msg], Awaitable[None]]
+
+
+@dataclass
+class Handle:
+    subject: str
+    queue: str
+    stats: HandlerStats
+    subscription: Subscription
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class Bus:
+    """One NATS connection with λScale's codec and error conventions."""
+
+    def __init__(self, nc: NatsClient, name: str) -> None:
+        self.nc = nc
+        self.name = name
+        self.handles: list[Handle] = []
+        self.decode_errors = 0
+        self._closing: dict[str, bool] = {"yes": False}
+        self._retired_tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        name: str,
+        *,
+        connect_timeout: float = 5.0,
+        initial_attempts: int = 4,
+        max_reconnect_attempts: int = -1,
+        reconnect_time_wait: float = 0.5,
+    ) -> Bus:
+        """Connect, then keep reconnecting with back-off (``reconnect_time_wait`` between
+        attempts; ``-1`` = forever) when the connection drops.
+
+        The first connection gets ``initial_attempts`` tries: nats-py retries an initial
+        connect as many times as it would reconnect, which with "forever" means a caller
+        pointed at a wrong URL would hang instead of getting :class:`NotConnected`.
+        """
+
+        closing = {"yes": False}  # set by close()/drain(): a deliberate disconnect is not news
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc), connection=name)
+
+        async def on_disconnect() -> None:
+            if not closing["yes"]:
+                log.warning("nats disconnected", connection=name)
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", connection=name)
+
+        try:
+            nc = await nats.connect(
+                url,
+                name=name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=max(1, initial_attempts - 1),
+                reconnect_time_wait=reconnect_time_wait,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise NotConnected(f"cannot connect to NATS at {url}: {exc}") from exc
+        nc.options["max_reconnect_attempts"] = max_reconnect_attempts
+        bus = cls(nc, name)
+        bus._closing = closing
+        return bus
+
+    # --- sending ------------------------------------------------------------------------
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload) if self.nc.is_connected else 1 << 20
+
+    def _check_size(self, subject: str, data: bytes) -> None:
+        limit = self.max_payload
+        if len(data) > limit:
+            raise PayloadTooLarge(
+                f"payload for {subject} is {len(data)} bytes, over the server's max_payload "
+                f"of {limit} bytes", subject=subject, size=len(data), limit=limit,
+            )
+
+    async def publish(self, subject: str, payload: Any, headers: dict[str, str] | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else encode(payload)
+        self._check_size(subject, data)
+        if self.nc.is_closed:
+            raise NotConnected(f"cannot publish to {subject}: connection closed")
+        await self.nc.publish(subject, data, headers=headers)
+
+    @overload
+    async def request(self, subject: str, payload: Any, *, reply_type: type[M],
+                      timeout: float = ...) -> M: ...
+
+    @overload
+    async def request(self, subject: str, payload: Any, *, reply_type: None = ...,
+                      timeout: float = ...) -> Any: ...
+
+    async def request(
+        self, subject: str, payload: Any, *, reply_type: type[M] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Any:
+        """Send a request and return the reply's payload, or raise the peer's typed error."""
+        data = encode(payload)
+        self._check_size(subject, data)
+        if self.nc.is_closed:
+            raise NotConnected(f"cannot request {subject}: connection closed")
+        try:
+            reply = await self.nc.request(subject, data, timeout=timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise NoResponders(f"no service answers {subject}", subject=subject) from exc
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            raise RequestTimeout(
+                f"no reply on {subject} within {timeout:g}s", subject=subject
+            ) from exc
+        except nats.errors.ConnectionClosedError as exc:
+            raise NotConnected(f"connection closed during request on {subject}") from exc
+        body = unwrap_reply(reply.data)
+        if reply_type is not None:
+            return reply_type.from_wire(body)
+        return body
+
+    # --- receiving ----------------------------------------------------------------------
+    async def subscribe(
+        self, subject: str, handler: EventHandler, *, message_type: type[Message] | None = None,
+        queue: str = "", concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> Handle:
+        """Run ``handler(decoded, msg)`` for each message; undecodable ones are counted."""
+
+        async def run(msg: Msg, stats: HandlerStats) -> None:
+            started = time.perf_counter_ns()
+            try:
+                body = self._decode(msg, message_type, stats)
+            except DecodeError:
+                return
+            error: BaseException | None = None
+            try:
+                await handler(body, msg)
+            except Exception as exc:  # a handler bug must not kill the subscription
+                error = exc
+                log.exception("handler failed", subject=msg.subject)
+            finally:
+                stats.record(started, error)
+
+        return await self._subscribe(subject, queue, run, concurrency)
+
+    async def serve(
+        self, subject: str, handler: RequestHandler, *, message_type: type[Message] | None = None,
+        queue: str = "", concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> Handle:
+        """Answer requests on ``subject``: the handler's return value is the ``ok`` payload;
+        an :class:`LScaleError` it raises becomes the ``error`` envelope (so the caller gets
+        the same class); any other exception is an ``internal`` error and is logged."""
+
+        async def run(msg: Msg, stats: HandlerStats) -> None:
+            started = time.perf_counter_ns()
+            error: LScaleError | None = None
+            result: Any = None
+            try:
+                body = self._decode(msg, message_type, stats)
+                result = await handler(body, msg)
+            except LScaleError as exc:
+                error = exc
+            except Exception as exc:
+                log.exception("request handler failed", subject=msg.subject)
+                error = LScaleError(f"internal error in {msg.subject}: {type(exc).__name__}: {exc}")
+            stats.record(started, error)
+            if not msg.reply:
+                return
+            try:
+                data = error_envelope(error) if error else ok_envelope(result)
+                if len(data) > self.max_payload:
+                    data = error_envelope(PayloadTooLarge(
+                        f"reply on {msg.subject} is {len(data)} bytes, over max_payload"))
+                await self.nc.publish(msg.reply, data)
+            except Exception as exc:  # connection gone: the caller will time out
+                log.warning("could not send reply", subject=msg.subject, error=str(exc))
+
+        return await self._subscribe(subject, queue, run, concurrency)
+
+    def _decode(self, msg: Msg, message_type: type[Message] | None, stats: HandlerStats) -> Any:
+        try:
+            body = decode(msg.data)
+            return message_type.from_wire(body) if message_type is not None else body
+        except DecodeError as exc:
+            stats.decode_errors += 1
+            self.decode_errors += 1
+            log.warning("undecodable message", subject=msg.subject, error=exc.message,
+                        size=len(msg.data))
+            raise
+
+    async def _subscribe(
+        self, subject: str, queue: str,
+        run: Callable[[Msg, HandlerStats], Awaitable[None]], concurrency: int,
+    ) -> Handle:
+        stats = HandlerStats()
+        limiter = asyncio.Semaphore(concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def guarded(msg: Msg) -> None:
+            try:
+                await run(msg, stats)
+            finally:
+                limiter.release()
+
+        async def on_message(msg: Msg) -> None:
+            # the subscription's reader waits here when `concurrency` handlers are running,
+            # which bounds memory and pushes back on the sender (slow consumer) instead
+            await limiter.acquire()
+            task = asyncio.create_task(guarded(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        sub = await self.nc.subscribe(subject, queue=queue, cb=on_message)
+        handle = Handle(subject, queue, stats, sub, tasks)
+        self.handles.append(handle)
+        return handle
+
+    async def unsubscribe(self, handle: Handle) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await handle.subscription.unsubscribe()
+        if handle in self.handles:
+            self.handles.remove(handle)
+        # its running handlers still count as in flight until they finish (see wait_handlers)
+        self._retired_tasks |= {t for t in handle.tasks if not t.done()}
+
+    async def gather(self, subject: str, payload: bytes = b"", *, window: float = 0.5,
+                     max_replies: int = 10_000) -> list[bytes]:
+        """Publish once and collect every reply that arrives within ``window`` seconds
+        (used for discovery, where many services answer one ping)."""
+        inbox = self.nc.new_inbox()
+        replies: list[bytes] = []
+        done = asyncio.Event()
+
+        async def collect(msg: Msg) -> None:
+            replies.append(msg.data)
+            if len(replies) >= max_replies:
+                done.set()
+
+        sub = await self.nc.subscribe(inbox, cb=collect)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox)
+            await self.nc.flush()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), window)
+        finally:
+            await sub.unsubscribe()
+        return replies
+
+    # --- closing ------------------------------------------------------------------------
+    async def wait_handlers(self, timeout: float) -> bool:
+        """Wait for running handler tasks to finish; True when all finished in time."""
+        pending = {t for h in self.handles for t in h.tasks if not t.done()}
+        pending |= {t for t in self._retired_tasks if not t.done()}
+        if not pending:
+            return True
+        _, still = await asyncio.wait(pending, timeout=timeout)
+        return not still
+
+    async def drain(self) -> None:
+        self._closing["yes"] = True
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, nats.errors.Error):
+                await self.nc.close()
+
+    async def close(self) -> None:
+        self._closing["yes"] = True
+        if not self.nc.is_closed:
+            await self.nc.close()

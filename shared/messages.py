@@ -1,0 +1,209 @@
+"""Every message that crosses NATS, declared in one module.
+
+A message is a frozen dataclass registered under a short type tag. On the wire it is a msgpack
+map ``{"v": SCHEMA_VERSION, "t": tag, <field>: <value>, ...}``. Decoding ignores unknown fields
+(so newer peers can add fields) and fills missing optional ones with their defaults; a missing
+required field or a wrong tag is a :class:`~shared.errors.DecodeError`.
+
+Fields hold msgpack-native values (None, bool, int, float, str, bytes, list, dict) or other
+messages (also inside ``list[...]`` / ``dict[str, ...]`` / ``X | None``), which are encoded as
+nested maps. Tensors travel as raw ``bytes`` with their dtype and shape alongside, never pickled.
+
+Declare a message as::
+
+    @message("store.get")
+    @dataclass(frozen=True)
+    class GetManifest(Message):
+        name: str
+
+Sections below belong to one area each; add a message in the section of its area.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from shared.errors import DecodeError
+
+SCHEMA_VERSION = 1
+
+M = TypeVar("M", bound="Message")
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+class Message:
+    """Base of all wire messages. Subclasses are frozen dataclasses decorated with @message."""
+
+    TAG: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"v": SCHEMA_VERSION, "t": self.TAG}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _encode_value(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_wire(cls: type[M], raw: Any) -> M:
+        if not isinstance(raw, dict):
+            raise DecodeError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
+        tag = raw.get("t")
+        if tag is not None and tag != cls.TAG:
+            raise DecodeError(f"expected message {cls.TAG!r}, got {tag!r}")
+        hints = _hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in raw:
+                try:
+                    kwargs[f.name] = _decode_value(hints[f.name], raw[f.name])
+                except DecodeError as exc:
+                    raise DecodeError(f"{cls.TAG}.{f.name}: {exc.message}") from exc
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise DecodeError(f"{cls.TAG}: missing required field {f.name!r}")
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise DecodeError(f"{cls.TAG}: {exc}") from exc
+
+
+def message(tag: str) -> typing.Callable[[type[M]], type[M]]:
+    """Register a dataclass as a wire message under ``tag``."""
+
+    def wrap(cls: type[M]) -> type[M]:
+        if tag in _REGISTRY:
+            raise ValueError(f"message tag {tag!r} registered twice")
+        cls.TAG = tag
+        _REGISTRY[tag] = cls
+        return cls
+
+    return wrap
+
+
+def decode_any(raw: Any) -> Message:
+    """Decode a map into whichever registered message its tag names."""
+    if not isinstance(raw, dict) or "t" not in raw:
+        raise DecodeError("not a tagged message map")
+    cls = _REGISTRY.get(raw["t"])
+    if cls is None:
+        raise DecodeError(f"unknown message type {raw['t']!r}")
+    return cls.from_wire(raw)
+
+
+_HINT_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINT_CACHE.get(cls)
+    if hints is None:
+        hints = get_type_hints(cls)
+        _HINT_CACHE[cls] = hints
+    return hints
+
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value.to_wire()
+    if isinstance(value, list | tuple):
+        return [_encode_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode_value(v) for k, v in value.items()}
+    return value
+
+
+def _is_message_type(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Message)
+
+
+def _decode_value(tp: Any, value: Any) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            return _decode_value(arg, value)
+        return value
+    if _is_message_type(tp):
+        return tp.from_wire(value)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise DecodeError(f"expected a list, got {type(value).__name__}")
+        args = get_args(tp)
+        item = args[0] if args else Any
+        items = [_decode_value(item, v) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DecodeError(f"expected a map, got {type(value).__name__}")
+        args = get_args(tp)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _decode_value(item, v) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool, bytes) and not isinstance(value, tp):
+        raise DecodeError(f"expected {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+# =============================================================================================
+# common: metrics, events, errors
+# =============================================================================================
+
+
+@message("metrics")
+@dataclass(frozen=True)
+class MetricsSnapshot(Message):
+    """Published by every service about once a second on ``lscale.metrics.<service>.<id>``."""
+
+    service: str
+    instance_id: str
+    started_at: float
+    time: float
+    state: str = "running"
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@message("event")
+@dataclass(frozen=True)
+class Event(Message):
+    """A lifecycle event on ``lscale.events.<kind>``: a decision or a change, with its reason."""
+
+    kind: str
+    source: str
+    time: float
+    reason: str = ""
+    model: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@message("ack")
+@dataclass(frozen=True)
+class Ack(Message):
+    ok: bool = True
+    detail: str = ""
+
+
+# =============================================================================================
+# model store
+# =============================================================================================
+
+# =============================================================================================
+# executor
+# =============================================================================================
+
+# =============================================================================================
+# transfer
+# =============================================================================================
+
+# =============================================================================================
+# router
+# =============================================================================================
+
+# =============================================================================================
+# scaler
+# =============================================================================================
