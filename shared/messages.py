@@ -196,6 +196,108 @@ class Ack(Message):
 # executor
 # =============================================================================================
 
+
+@message("exec.assign")
+@dataclass(frozen=True)
+class AssignModel(Message):
+    """Scaler -> executor (``exec_ctl``): prepare a weight buffer for ``model`` and expose it.
+
+    ``load_from``: ``"none"`` (wait for a multicast into the region), ``"host"`` (a host-memory
+    copy this executor kept), or ``"store"`` (pull every block from the model store: the plain
+    loading path). The reply is :class:`AssignReply`.
+    """
+
+    model: str
+    manifest: dict[str, Any]  # shared.model.layout manifest, as its to_dict()
+    load_from: str = "none"
+    transport: str = "tcp"
+
+
+@message("exec.assign.reply")
+@dataclass(frozen=True)
+class AssignReply(Message):
+    executor_id: str
+    model: str
+    region: dict[str, Any]  # shared.transport.base.RegionDescriptor.to_dict()
+    ready_layers: list[int] = field(default_factory=list)
+
+
+@message("exec.release")
+@dataclass(frozen=True)
+class ReleaseModel(Message):
+    """Scaler -> executor: stop serving ``model``; keep a host-memory copy when asked."""
+
+    model: str
+    keep_host_copy: bool = True
+
+
+@message("exec.status")
+@dataclass(frozen=True)
+class ExecutorStatus(Message):
+    """Executor's answer to a status request (``exec_ctl`` with ``{"op": "status"}``)."""
+
+    executor_id: str
+    device: str
+    model: str | None = None
+    num_layers: int = 0
+    ready_layers: list[int] = field(default_factory=list)
+    host_copies: list[str] = field(default_factory=list)
+    running: int = 0
+    queued: int = 0
+    kv_used: int = 0
+    kv_total: int = 0
+
+
+@message("exec.ready")
+@dataclass(frozen=True)
+class LayerReadiness(Message):
+    """Published on ``lscale.events.ready.<eid>`` whenever blocks complete (and on assign,
+    release and periodically, so a restarted router rebuilds its view)."""
+
+    executor_id: str
+    model: str | None
+    num_layers: int
+    ready_layers: list[int]
+    time: float
+    complete: bool = False
+
+
+@message("exec.infer")
+@dataclass(frozen=True)
+class InferRequest(Message):
+    """Router -> executor (``exec_infer``): a whole request on a local instance.
+
+    The executor replies at once (an :class:`Ack`, or a typed error such as ContextTooLong or
+    ModelNotFound) and then streams :class:`TokenChunk` messages to ``reply_to``.
+    ``sampling`` holds temperature, top_p, top_k, seed, max_tokens, stop_token_ids.
+    """
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]
+    reply_to: str
+
+
+@message("exec.tokens")
+@dataclass(frozen=True)
+class TokenChunk(Message):
+    """Executor -> router: new tokens of one request; the last has ``finish_reason`` set
+    (``stop``/``length``/``cancelled``/``error``, with ``error`` holding a wire error)."""
+
+    request_id: str
+    executor_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: dict[str, Any] | None = None
+    via: str = "local"  # "local" or "pipeline": how the request was served
+
+
+@message("exec.cancel")
+@dataclass(frozen=True)
+class CancelRequest(Message):
+    request_id: str
+
 # =============================================================================================
 # transfer
 # =============================================================================================
@@ -203,6 +305,19 @@ class Ack(Message):
 # =============================================================================================
 # router
 # =============================================================================================
+
+
+@message("router.load")
+@dataclass(frozen=True)
+class LoadReport(Message):
+    """Router -> scaler (``SCALER_LOAD``), about once a second: per model, queued and running
+    requests, and outstanding requests per instance (executor id)."""
+
+    router_id: str
+    time: float
+    queued: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+    per_instance: dict[str, dict[str, int]] = field(default_factory=dict)
 
 # =============================================================================================
 # scaler
