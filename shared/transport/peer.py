@@ -1,0 +1,203 @@
+"""A data-plane peer: what an executor (or a store node) mounts to take part in a multicast.
+
+It owns one weight buffer laid out as the model's blocks, exposes it as a region (so peers can
+write chunks into it), and sends chunks of its own buffer into other peers' regions when told.
+A chunk is part ``p`` of block ``b`` (tag ``b * parts + p``); block ``b``'s bytes are split
+into ``parts`` near-equal byte ranges. When every part of a block has landed, the block's
+bytes are checked against the manifest's xxh3_64 checksum: a match marks the block ready and
+calls ``on_block``; a mismatch is logged, counted, and the block is forgotten so that it can
+be sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+import xxhash
+
+from shared.errors import ChecksumMismatch, InvalidParameter, LayersNotReady, TransportError
+from shared.transport import allocate_buffer, make_region_server, open_writer
+from shared.transport.base import RegionDescriptor, RegionServer, RegionWriter
+
+log = structlog.get_logger("transport.peer")
+
+OnBlock = Callable[[int], Awaitable[None] | None]
+
+
+class BlockLike(Protocol):
+    """What the peer needs of a manifest block (``shared.model.layout.BlockEntry`` fits)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def checksum(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Block:
+    index: int
+    offset: int
+    nbytes: int
+    checksum: str  # hex xxh3_64; "" = not known, not verified
+
+
+def block_checksum(data: memoryview | bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def part_range(block: BlockLike, part: int, parts: int) -> tuple[int, int]:
+    """Absolute (offset, length) of part ``part`` of ``block`` split into ``parts``."""
+    start = block.offset + block.nbytes * part // parts
+    end = block.offset + block.nbytes * (part + 1) // parts
+    return start, end - start
+
+
+class DataPlanePeer:
+    def __init__(self, node_id: str, blocks: Sequence[BlockLike], *, parts: int = 1,
+                 transport: str = "tcp", host: str = "127.0.0.1",
+                 advertise_host: str | None = None, region_id: str | None = None,
+                 on_block: OnBlock | None = None, write_timeout_s: float = 120.0) -> None:
+        if parts <= 0:
+            raise InvalidParameter(f"parts must be positive, got {parts}")
+        if not blocks:
+            raise InvalidParameter("a peer needs at least one block")
+        self.node_id = node_id
+        self.blocks = list(blocks)
+        self.parts = parts
+        self.size = max(b.offset + b.nbytes for b in self.blocks)
+        self.region_id = region_id or f"weights-{node_id}"
+        self.on_block = on_block
+        self.write_timeout_s = write_timeout_s
+        self.server: RegionServer = make_region_server(transport, host=host,
+                                                       advertise_host=advertise_host)
+        self.buffer: memoryview = memoryview(b"")
+        self.descriptor: RegionDescriptor | None = None
+        self.ready: set[int] = set()
+        self.checksum_failures = 0
+        self._parts_seen: dict[int, set[int]] = {}
+        self._writers: dict[tuple[str, str], RegionWriter] = {}
+        self._writer_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._changed = asyncio.Event()
+
+    async def start(self) -> RegionDescriptor:
+        await self.server.start()
+        self.buffer = allocate_buffer(self.server, self.size)
+        self.descriptor = self.server.expose(self.region_id, self.buffer, self._on_write)
+        return self.descriptor
+
+    def load(self, data: bytes | memoryview, verify: bool = True) -> None:
+        """Fill the whole buffer (a holder); marks every block ready (after checking)."""
+        if len(data) != self.size:
+            raise InvalidParameter(f"{len(data)} bytes for a {self.size}-byte buffer")
+        self.buffer[:] = data
+        for block in self.blocks:
+            if verify and block.checksum:
+                self._verify(block)
+            self.ready.add(block.index)
+        self._changed.set()
+
+    def reset(self) -> None:
+        """Forget what arrived (the next transfer starts from an empty copy)."""
+        self.ready.clear()
+        self._parts_seen.clear()
+        self._changed.set()
+
+    # -- receiving ---------------------------------------------------------------------------
+    async def _on_write(self, region_id: str, offset: int, length: int, tag: int) -> None:
+        block_index, part = divmod(tag, self.parts)
+        block = self._block(block_index)
+        start, nbytes = part_range(block, part, self.parts)
+        if (offset, length) != (start, nbytes):
+            log.warning("write does not match its chunk's range; ignored", tag=tag,
+                        offset=offset, length=length, expected=(start, nbytes))
+            return
+        seen = self._parts_seen.setdefault(block_index, set())
+        seen.add(part)
+        if len(seen) < self.parts or block_index in self.ready:
+            return
+        try:
+            if block.checksum:
+                # hashing a large block takes milliseconds; keep the loop responsive
+                await asyncio.to_thread(self._verify, block)
+        except ChecksumMismatch as exc:
+            self.checksum_failures += 1
+            self._parts_seen.pop(block_index, None)
+            log.error("block failed its checksum; will take it again", block=block_index,
+                      error=exc.message)
+            return
+        self.ready.add(block_index)
+        self._changed.set()
+        if self.on_block is not None:
+            result = self.on_block(block_index)
+            if inspect.isawaitable(result):
+                await result
+
+    def _verify(self, block: BlockLike) -> None:
+        got = block_checksum(self.buffer[block.offset:block.offset + block.nbytes])
+        if got != block.checksum:
+            raise ChecksumMismatch(f"block {block.index}: xxh3_64 {got} != manifest "
+                                   f"{block.checksum}", block=block.index)
+
+    def _block(self, index: int) -> BlockLike:
+        for block in self.blocks:
+            if block.index == index:
+                return block
+        raise InvalidParameter(f"no block {index}")
+
+    async def wait_blocks(self, blocks: Iterable[int], timeout_s: float) -> None:
+        wanted = set(blocks)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not wanted <= self.ready:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError as exc:
+            raise LayersNotReady(f"blocks {sorted(wanted - self.ready)} not ready after "
+                                 f"{timeout_s} s") from exc
+
+    # -- sending -----------------------------------------------------------------------------
+    async def send_chunk(self, target: RegionDescriptor | dict[str, Any], chunk: int) -> None:
+        """Write chunk ``chunk`` of this peer's buffer into the same place of ``target``."""
+        block_index, part = divmod(chunk, self.parts)
+        if block_index not in self.ready and part not in self._parts_seen.get(block_index, ()):
+            raise LayersNotReady(f"{self.node_id} does not hold chunk {chunk}")
+        offset, length = part_range(self._block(block_index), part, self.parts)
+        await self.send_ranges(target, [(offset, length, chunk)])
+
+    async def send_ranges(self, target: RegionDescriptor | dict[str, Any],
+                          ranges: Sequence[tuple[int, int, int]]) -> None:
+        """Write each (offset, length, tag) range of this peer's buffer into ``target``."""
+        desc = target if isinstance(target, RegionDescriptor) \
+            else RegionDescriptor.from_dict(target)
+        key = (desc.region_id, repr(sorted(desc.address.items())))
+        lock = self._writer_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            writer = self._writers.get(key)
+            if writer is None:
+                writer = await open_writer(desc, timeout_s=self.write_timeout_s)
+                self._writers[key] = writer
+            try:
+                for offset, length, tag in ranges:
+                    if offset < 0 or offset + length > self.size:
+                        raise InvalidParameter(f"range [{offset}, {offset + length}) outside "
+                                               f"this peer's {self.size}-byte buffer")
+                    await writer.write(offset, self.buffer[offset:offset + length], tag)
+            except TransportError:
+                self._writers.pop(key, None)
+                await writer.close()
+                raise
+
+    async def close(self) -> None:
+        for writer in self._writers.values():
+            await writer.close()
+        self._writers.clear()
+        await self.server.close()
