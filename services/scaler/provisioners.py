@@ -307,6 +307,7 @@ class DockerProvisioner:
 
     async def _call(self, what: str, fn: Callable[[], Any]) -> Any:
         import docker
+        import requests  # the docker SDK's HTTP layer; its errors surface unwrapped
 
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn), self._call_timeout_s)
@@ -314,7 +315,7 @@ class DockerProvisioner:
             raise Unavailable(f"docker {what}: no answer in {self._call_timeout_s}s") from exc
         except docker.errors.NotFound as exc:
             raise ExecutorNotFound(f"docker {what}: {exc.explanation or exc}") from exc
-        except docker.errors.DockerException as exc:
+        except (docker.errors.DockerException, requests.RequestException, OSError) as exc:
             raise Unavailable(f"docker {what}: {exc}") from exc
 
     def _executor_labels(self, executor_id: str) -> dict[str, str]:

@@ -216,10 +216,9 @@ class PendingOp:
 
 
 def pending_for(action: Action, now: float) -> PendingOp:
-    if isinstance(action, StartMulticast):
-        executors = action.request.receivers
-    else:
-        executors = (action.executor_id,)
+    executors = (
+        action.request.receivers if isinstance(action, StartMulticast) else (action.executor_id,)
+    )
     kind = type(action).__name__.lower()
     return PendingOp(action.key, kind, action.deployment, executors, now)
 
