@@ -82,7 +82,7 @@ class HostMemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def keys(self) -> list[BlockKey]:
+    def lru_order(self) -> list[BlockKey]:
         """Cached keys, least recently used first."""
         with self._lock:
             return list(self._entries)

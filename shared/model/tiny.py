@@ -127,7 +127,8 @@ def spec_for_size(size_mb: float, *, architecture: str = "llama", dtype: str = "
 
     Picks the widest hidden size (head dim 64, 4 query heads per KV head, SwiGLU width about
     8/3 of hidden) that still gives at least 8 layers, then sizes the vocabulary to absorb
-    the remainder, so the result is within one vocabulary row group of the target.
+    the remainder, so the result is within one vocabulary row group of the target (tiny
+    targets, below about 2 MB, come out larger: one layer of hidden 128 is the floor).
     """
     if size_mb <= 0:
         raise InvalidParameter("size must be positive")
@@ -146,17 +147,24 @@ def spec_for_size(size_mb: float, *, architecture: str = "llama", dtype: str = "
         one = spec.nbytes() // DTYPE_SIZES[dtype]
         return one - embed_copies * spec.vocab_size * spec.hidden_size - spec.hidden_size
 
-    chosen = shape_for(_HIDDEN_LADDER[0])
+    def base_vocab(hidden: int) -> int:
+        # embeddings take at most about a quarter of a small model, so it still has layers
+        share = target // (8 * hidden) // 64 * 64
+        return max(MIN_VOCAB_SIZE, min(_BASE_VOCAB, share))
+
+    def layers_for(hidden: int) -> int:
+        fixed = embed_copies * base_vocab(hidden) * hidden + hidden
+        return (target - fixed) // per_layer(shape_for(hidden))
+
+    chosen = _HIDDEN_LADDER[0]
     for hidden in _HIDDEN_LADDER:
-        candidate = shape_for(hidden)
-        fixed = embed_copies * _BASE_VOCAB * hidden + hidden
-        if (target - fixed) // per_layer(candidate) >= 8:
-            chosen = candidate
-    fixed = embed_copies * _BASE_VOCAB * chosen.hidden_size + chosen.hidden_size
-    layers = max(1, (target - fixed) // per_layer(chosen))
-    rest = target - layers * per_layer(chosen) - chosen.hidden_size
-    vocab = max(MIN_VOCAB_SIZE, rest // (embed_copies * chosen.hidden_size) // 64 * 64)
-    return replace(chosen, num_layers=layers, vocab_size=vocab)
+        if layers_for(hidden) >= 8:
+            chosen = hidden
+    layers = max(1, layers_for(chosen))
+    spec = shape_for(chosen)
+    rest = target - layers * per_layer(spec) - chosen
+    vocab = max(base_vocab(chosen), rest // (embed_copies * chosen) // 64 * 64)
+    return replace(spec, num_layers=layers, vocab_size=vocab)
 
 
 def _tensor_values(name: str, shape: tuple[int, ...], spec: TinySpec) -> torch.Tensor:
