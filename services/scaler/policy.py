@@ -20,13 +20,14 @@ The rule:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fractions import Fraction
 
 from services.scaler.deployment import DeploymentSpec
 from shared.errors import InvalidParameter
+from shared.messages import LoadReport
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,41 @@ class LoadSnapshot:
     def for_model(self, model: str) -> ModelLoad:
         # A model the router has not reported has no requests anywhere.
         return self.models.get(model, ModelLoad())
+
+
+UNATTRIBUTED = ""  # instance id for running requests a router counted but did not attribute
+
+
+def snapshot_from_reports(
+    reports: Sequence[LoadReport], now: float, max_age_s: float = 5.0
+) -> LoadSnapshot:
+    """Merge the routers' latest :class:`~shared.messages.LoadReport` s (one per router) into
+    one snapshot, skipping reports older than ``max_age_s``: a router that went silent must
+    not hold instances up forever. Several routers' counts for one model add up."""
+    queued: dict[str, int] = {}
+    running: dict[str, int] = {}
+    per_instance: dict[str, dict[str, int]] = {}
+    for report in reports:
+        if now - report.time > max_age_s:
+            continue
+        for model, n in report.queued.items():
+            queued[model] = queued.get(model, 0) + max(0, int(n))
+        for model, n in report.running.items():
+            running[model] = running.get(model, 0) + max(0, int(n))
+        for model, loads in report.per_instance.items():
+            slot = per_instance.setdefault(model, {})
+            for instance_id, n in loads.items():
+                slot[instance_id] = slot.get(instance_id, 0) + max(0, int(n))
+    models: dict[str, ModelLoad] = {}
+    for model in sorted(set(queued) | set(running) | set(per_instance)):
+        loads = per_instance.get(model, {})
+        instances = [InstanceLoad(i, running=n) for i, n in sorted(loads.items())]
+        # Running requests not attributed to an instance still count as outstanding work.
+        remainder = running.get(model, 0) - sum(loads.values())
+        if remainder > 0:
+            instances.append(InstanceLoad(UNATTRIBUTED, running=remainder))
+        models[model] = ModelLoad(queued=queued.get(model, 0), instances=tuple(instances))
+    return LoadSnapshot(time=now, models=models)
 
 
 class Reason(StrEnum):

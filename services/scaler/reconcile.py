@@ -447,7 +447,8 @@ def _holders(
         for e in sorted(view.executors)
         if _liveness(view, e) and any(c.model == model for c in view.executors[e].host_copies)
     ]
-    # Free executors with a host copy load locally; list them first among host sources.
+    # Among host-memory sources prefer free executors: a busy one's links also carry its own
+    # model's traffic (requests, pipeline activations).
     free_set = set(free)
     host.sort(key=lambda e: (e not in free_set, e))
     return Holders(

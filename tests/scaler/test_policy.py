@@ -229,3 +229,25 @@ def test_idle_for_keep_alive_returns_to_min(
     steps += [(end, 0), (end + s.keep_alive_s + 0.5, 0)]
     decisions = run(s, steps)
     assert decisions[-1].desired == s.min_instances
+
+
+def test_snapshot_from_router_reports_adds_routers_and_drops_stale_ones() -> None:
+    from services.scaler.policy import UNATTRIBUTED, snapshot_from_reports
+    from shared.messages import LoadReport
+
+    reports = [
+        LoadReport("r1", time=99.0, queued={MODEL: 2}, running={MODEL: 5},
+                   per_instance={MODEL: {"e1": 3, "e2": 1}}),
+        LoadReport("r2", time=100.0, queued={MODEL: 1, "x": 4}, running={MODEL: 1},
+                   per_instance={MODEL: {"e1": 1}}),
+        LoadReport("gone", time=50.0, queued={MODEL: 100}),
+    ]
+    snap = snapshot_from_reports(reports, now=100.0, max_age_s=5.0)
+    m = snap.for_model(MODEL)
+    assert m.queued == 3
+    by_id = {i.instance_id: i.running for i in m.instances}
+    assert by_id == {"e1": 4, "e2": 1, UNATTRIBUTED: 1}  # 6 running, 5 attributed
+    assert m.outstanding == 3 + 6
+    assert snap.for_model("x").outstanding == 4
+    decision, _ = decide(spec(max_=10, target=1), snap, PolicyState(), 100.0)
+    assert decision.desired == 9
