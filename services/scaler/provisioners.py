@@ -212,7 +212,14 @@ class LocalProcessProvisioner:
                     await asyncio.wait_for(process.wait(), self._stop_timeout_s)
                 except TimeoutError:
                     self._signal_group(process.pid, signal.SIGKILL)
-                    await asyncio.wait_for(process.wait(), self._kill_timeout_s)
+                    try:
+                        await asyncio.wait_for(process.wait(), self._kill_timeout_s)
+                    except TimeoutError as exc:
+                        raise Unavailable(
+                            f"executor {executor_id} (pid {process.pid}) survived SIGKILL "
+                            f"for {self._kill_timeout_s}s",
+                            executor_id=executor_id,
+                        ) from exc
             else:
                 # The leader is gone; helpers it left in its group still get their notice.
                 self._signal_group(process.pid, signal.SIGKILL)
