@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.model_store.tiers import BlockKey, HostMemoryCache, TieredBlockStore
 from shared.errors import ChecksumMismatch, InvalidParameter
@@ -97,3 +98,13 @@ def test_forget_and_bad_index(store: ModelStoreDir, manifest: ModelManifest) -> 
         tiers.get_block("m", manifest.num_blocks)
     with pytest.raises(InvalidParameter):
         HostMemoryCache(-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_host_memory_with_cuda(store: ModelStoreDir, manifest: ModelManifest) -> None:
+    tiers = TieredBlockStore(store, HostMemoryCache(manifest.total_bytes))
+    assert tiers.cache.pinned
+    block = tiers.get_block("m", 1)
+    assert block.is_pinned()
+    assert bytes(block.cuda().cpu().numpy()) == store.block_path("m", 1).read_bytes()
