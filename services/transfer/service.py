@@ -1,19 +1,140 @@
-"""The transfer service (shell: registers and answers discovery; its logic lands with its issue)."""
+"""The transfer service: plans multicasts and drives them (a thin shell around the cores).
+
+``TRANSFER_START`` (a :class:`~shared.messages.StartTransfer`) → plan with
+:func:`services.transfer.planner.plan_multicast`, reply :class:`TransferStarted`, then run the
+plan with :class:`services.transfer.driver.TransferDriver` in the background. Each edge is one
+NATS request to its sender (``exec_send(src)``, or ``STORE_SOURCE`` for the store) carrying a
+:class:`SendChunks`; the sender's data-plane peer writes the chunk into the receiver's region
+and replies once it has landed. Each landed chunk and the end are published on
+``transfer_progress(tid)``; the end is also a ``transfer.done`` / ``transfer.failed`` event.
+
+Who is blamed for a failed edge: no responder / no reply → the sender; a data-plane error
+reported by the sender (TransportError, RegionAccessDenied) → the receiver.
+"""
 
 from __future__ import annotations
 
+import secrets
+import time
 from typing import Any
 
+from services.transfer.driver import TransferDriver, TransferResult
+from services.transfer.planner import Edge, MulticastPlan, plan_multicast
+from shared import subjects
 from shared.config import ServiceConfig
+from shared.errors import (
+    BadRequest,
+    LScaleError,
+    NoResponders,
+    NotConnected,
+    RequestTimeout,
+    TransferNotFound,
+    TransportError,
+)
+from shared.messages import Ack, SendChunks, StartTransfer, TransferProgress, TransferStarted
 from shared.runtime import Service
+
+STORE_SOURCE_ID = "store"
+SEND_TIMEOUT_S = 120.0
+TRANSFER_TIMEOUT_S = 3600.0
+
+
+def sender_subject(node: str) -> str:
+    return subjects.STORE_SOURCE if node == STORE_SOURCE_ID else subjects.exec_send(node)
 
 
 class TransferService(Service[ServiceConfig]):
     kind = "transfer"
-    description = "λScale transfer"
+    description = "λScale transfer: multicast planning (λPipe, k-way, baselines) and driving"
 
     async def setup(self) -> None:
-        await self.endpoint("status", f"lscale.transfer.{self.id}.status", self._status)
+        self.transfers: dict[str, dict[str, Any]] = {}
+        await self.endpoint("start", subjects.TRANSFER_START, self._start,
+                            message_type=StartTransfer, queue="transfer")
+        await self.endpoint("status", subjects.TRANSFER_STATUS, self._status)
+        await self.endpoint("instance-status", f"lscale.transfer.{self.id}.status",
+                            self._instance_status)
+
+    def metrics(self) -> dict[str, Any]:
+        states = [t["state"] for t in self.transfers.values()]
+        return {"transfers_running": states.count("running"),
+                "transfers_done": states.count("done"), "transfers_failed": states.count("failed")}
+
+    async def _instance_status(self, body: Any, msg: Any) -> dict[str, Any]:
+        return {"state": self.state, "id": self.id}
 
     async def _status(self, body: Any, msg: Any) -> dict[str, Any]:
-        return {"state": self.state, "id": self.id}
+        tid = body.get("transfer_id") if isinstance(body, dict) else None
+        if tid:
+            if tid not in self.transfers:
+                raise TransferNotFound(f"no transfer {tid!r}")
+            return {tid: self.transfers[tid]}
+        return dict(self.transfers)
+
+    async def _start(self, req: StartTransfer, msg: Any) -> TransferStarted:
+        missing = [r for r in req.receivers if r not in req.regions]
+        if missing:
+            raise BadRequest(f"no region descriptor for receivers {missing}")
+        plan = plan_multicast(req.strategy, req.sources, req.receivers, req.num_blocks,
+                              req.parts)
+        tid = req.transfer_id or secrets.token_hex(6)
+        if tid in self.transfers and self.transfers[tid]["state"] == "running":
+            raise BadRequest(f"transfer {tid!r} is already running")
+        self.transfers[tid] = {"state": "running", "model": req.model, "ticks": plan.num_ticks,
+                               "strategy": req.strategy, "started": time.time()}
+        self.spawn(self._drive(tid, req, plan), name=f"transfer-{tid}")
+        self.log.info("transfer started", transfer=tid, model=req.model,
+                      strategy=req.strategy, sources=len(req.sources),
+                      receivers=len(req.receivers), ticks=plan.num_ticks)
+        return TransferStarted(transfer_id=tid, ticks=plan.num_ticks, optimal=plan.optimal)
+
+    async def _drive(self, tid: str, req: StartTransfer, plan: MulticastPlan) -> None:
+        progress = subjects.transfer_progress(tid)
+
+        async def send(edge: Edge) -> None:
+            request = SendChunks(model=req.model, target=req.regions[edge.dst],
+                                 chunks=[edge.chunk], parts=req.parts, transfer_id=tid)
+            try:
+                await self.bus.request(sender_subject(edge.src), request, reply_type=Ack,
+                                       timeout=SEND_TIMEOUT_S)
+            except (NoResponders, RequestTimeout, NotConnected) as exc:
+                exc.details["node"] = edge.src
+                raise
+            except TransportError as exc:
+                exc.details["node"] = edge.dst
+                raise
+            await self._publish(progress, TransferProgress(
+                transfer_id=tid, model=req.model, state="running", time=time.time(),
+                receiver=edge.dst, chunk=edge.chunk))
+
+        driver = TransferDriver(plan, send)
+        try:
+            result = await driver.run(TRANSFER_TIMEOUT_S)
+        except LScaleError as exc:
+            self.transfers[tid].update(state="failed", error=str(exc))
+            await self._publish(progress, TransferProgress(
+                transfer_id=tid, model=req.model, state="failed", time=time.time(),
+                failed=dict(driver.failed), error=str(exc)))
+            await self.emit("transfer.failed", reason=str(exc), model=req.model,
+                            transfer_id=tid)
+            return
+        state = "done" if result.complete else "failed"
+        self.transfers[tid].update(state=state, completed=result.completion_s,
+                                   failed=result.failed, replans=result.replans,
+                                   elapsed_s=result.elapsed_s)
+        await self._publish(progress, self._final(tid, req.model, state, result))
+        await self.emit(f"transfer.{state}", reason=f"{len(result.completion_s)} receivers "
+                        f"complete in {result.elapsed_s:.2f}s", model=req.model,
+                        transfer_id=tid, failed=result.failed)
+
+    @staticmethod
+    def _final(tid: str, model: str, state: str, result: TransferResult) -> TransferProgress:
+        return TransferProgress(transfer_id=tid, model=model, state=state, time=time.time(),
+                                completed=result.completion_s, failed=result.failed,
+                                replans=result.replans, elapsed_s=result.elapsed_s)
+
+    async def _publish(self, subject: str, message: TransferProgress) -> None:
+        try:
+            await self.bus.publish(subject, message)
+        except LScaleError as exc:  # progress is advisory; the transfer goes on
+            self.log.warning("progress publish failed", error=str(exc))

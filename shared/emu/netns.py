@@ -186,6 +186,10 @@ class EmuCluster:
             _run([*inside, "ip", "addr", "add", f"{address}/24", "dev", "eth0"])
             _run([*inside, "ip", "link", "set", "eth0", "up"])
             _run([*inside, "ip", "link", "set", "lo", "up"])
+            # a link that idles between chunks must not fall back to slow start (the default),
+            # or every hop of a pipelined transfer would pay a ramp-up; this sysctl is per-netns
+            _run([*inside, "sysctl", "-q", "-w", "net.ipv4.tcp_slow_start_after_idle=0"],
+                 check=False)
             _run(["ip", "link", "set", host_veth, "master", self.bridge])
             _run(["ip", "link", "set", host_veth, "up"])
             if self.link_mbit is not None:

@@ -201,3 +201,19 @@ class DataPlanePeer:
             await writer.close()
         self._writers.clear()
         await self.server.close()
+
+
+async def serve_send_chunks(peer: DataPlanePeer, request: Any) -> Any:
+    """Handle a :class:`shared.messages.SendChunks` (``exec_send`` / ``STORE_SOURCE``).
+
+    Writes each requested chunk of ``peer``'s buffer into the request's target region and
+    returns an :class:`~shared.messages.Ack` once all have landed.
+    """
+    from shared.messages import Ack
+
+    if request.parts != peer.parts:
+        raise InvalidParameter(f"request cuts blocks into {request.parts} parts, this peer "
+                               f"into {peer.parts}")
+    for chunk in request.chunks:
+        await peer.send_chunk(request.target, int(chunk))
+    return Ack(ok=True, detail=f"{len(request.chunks)} chunks")
