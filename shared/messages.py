@@ -302,6 +302,66 @@ class CancelRequest(Message):
 # transfer
 # =============================================================================================
 
+
+@message("transfer.start")
+@dataclass(frozen=True)
+class StartTransfer(Message):
+    """Scaler -> transfer (``TRANSFER_START``): multicast ``model`` from ``sources`` to
+    ``receivers``. ``regions`` maps every receiver to its region descriptor (the ``region`` of
+    its :class:`AssignReply`). A source id ``"store"`` is the model store (asked on
+    ``STORE_SOURCE``); any other source is an executor (asked on ``exec_send(id)``). Chunk
+    ``c`` is part ``c % parts`` of block ``c // parts``. Replied with :class:`TransferStarted`;
+    progress follows on ``transfer_progress(transfer_id)``."""
+
+    model: str
+    sources: list[str]
+    receivers: list[str]
+    regions: dict[str, dict[str, Any]]
+    num_blocks: int
+    parts: int = 1
+    strategy: str = "lambdapipe"
+    transfer_id: str = ""  # chosen by the service when empty
+
+
+@message("transfer.started")
+@dataclass(frozen=True)
+class TransferStarted(Message):
+    transfer_id: str
+    ticks: int
+    optimal: bool = True
+
+
+@message("transfer.send")
+@dataclass(frozen=True)
+class SendChunks(Message):
+    """Transfer -> a source (``exec_send(id)`` / ``STORE_SOURCE``): write these chunks of
+    ``model`` from your buffer into the same offsets of ``target`` (a region descriptor);
+    reply :class:`Ack` once every chunk has landed (the target ran ``on_write``)."""
+
+    model: str
+    target: dict[str, Any]
+    chunks: list[int]
+    parts: int = 1
+    transfer_id: str = ""
+
+
+@message("transfer.progress")
+@dataclass(frozen=True)
+class TransferProgress(Message):
+    """On ``transfer_progress(tid)``: a chunk landed, or (``state`` done/failed) the end."""
+
+    transfer_id: str
+    model: str
+    state: str  # "running" | "done" | "failed"
+    time: float
+    receiver: str = ""
+    chunk: int = -1
+    completed: dict[str, float] = field(default_factory=dict)  # receiver -> seconds
+    failed: dict[str, str] = field(default_factory=dict)  # node -> why
+    replans: int = 0
+    elapsed_s: float = 0.0
+    error: str = ""
+
 # =============================================================================================
 # router
 # =============================================================================================
