@@ -89,7 +89,12 @@ def _stream_response(model: type[Any]) -> dict[int | str, dict[str, Any]]:
             "model": model,
             "description": "The completion; with stream=true, server-sent events of chunks, "
             "ending with `data: [DONE]`.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": {
+                "type": "object",
+                "description": "One server-sent event: `data` holds a JSON chunk, or `[DONE]`.",
+                "properties": {"data": {"type": "string"}},
+                "required": ["data"],
+            }}},
         },
         **_ERROR_RESPONSES,
     }

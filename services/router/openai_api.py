@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,6 +21,7 @@ from services.router.backend import FinishReason, SamplingParams
 from shared.errors import ContextTooLong, InvalidParameter, LScaleError
 
 MAX_STOP_SEQUENCES = 4
+StopText = Annotated[str, Field(min_length=1)]
 
 # --- requests ------------------------------------------------------------------------------
 
@@ -39,13 +40,15 @@ class _SamplingFields(BaseModel):
     n: int | None = Field(None, ge=1, le=1, description="Number of choices; only 1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(
+    stop: StopText | list[StopText] | None = Field(
         None, description=f"Up to {MAX_STOP_SEQUENCES} sequences that end the generation."
     )
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Not supported; must be empty.", json_schema_extra={"maxProperties": 0}
+    )
     user: str | None = None
 
     @model_validator(mode="after")
@@ -75,10 +78,12 @@ class CompletionRequest(_SamplingFields):
         description="Text, or token ids; a list of several prompts is not supported."
     )
     max_tokens: int | None = Field(16, ge=1, description="Tokens to generate (default 16).")
-    echo: bool | None = Field(False, description="Not supported; must be false.")
+    echo: Literal[False] | None = Field(False, description="Not supported; must be false.")
     logprobs: int | None = Field(None, ge=0, le=0, description="Not supported.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
-    suffix: str | None = Field(None, description="Not supported; must be null.")
+    suffix: str | None = Field(
+        None, description="Not supported; must be null or empty.", json_schema_extra={"maxLength": 0}
+    )
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> CompletionRequest:
@@ -117,9 +122,11 @@ class ChatCompletionRequest(_SamplingFields):
         None, ge=1, description="Tokens to generate (default: the rest of the context)."
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
-    logprobs: bool | None = Field(False, description="Not supported; must be false.")
+    logprobs: Literal[False] | None = Field(False, description="Not supported; must be false.")
     top_logprobs: int | None = Field(None, ge=0, le=0, description="Not supported.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported; must be empty.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Not supported; must be empty.", json_schema_extra={"maxItems": 0}
+    )
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> ChatCompletionRequest:
