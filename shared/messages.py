@@ -277,6 +277,11 @@ class InferRequest(Message):
     prompt_token_ids: list[int]
     sampling: dict[str, Any]
     reply_to: str
+    # empty: run locally (all layers). Otherwise an execution pipeline, this executor being
+    # stages[0]: each stage {"executor_id", "start", "stop"} (half-open layer range); stage i
+    # sends activations to stage i+1 on ``exec_stage``; the last stage streams TokenChunks to
+    # ``reply_to`` and feeds each sampled token back to stages[0] for the next decode step.
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 @message("exec.tokens")
