@@ -13,6 +13,7 @@ STORE_GET = f"{ROOT}.store.get"  # manifest of one model
 STORE_ADD = f"{ROOT}.store.add"  # ingest a checkpoint directory
 STORE_REMOVE = f"{ROOT}.store.remove"
 STORE_SOURCE = f"{ROOT}.store.source"  # ask the store to write blocks into a region (data plane)
+STORE_HF_FILES = f"{ROOT}.store.hf_files"  # a model's config.json + tokenizer files (small)
 
 # --- transfer ----------------------------------------------------------------------------
 TRANSFER_START = f"{ROOT}.transfer.start"
