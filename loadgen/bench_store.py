@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--model-mb", type=float, default=512.0, help="model size (MB)")
     parser.add_argument("--blocks", type=int, default=8, help="blocks of the layout")
-    parser.add_argument("--chunk-mib", type=int, default=16, help="readinto chunk (MiB)")
+    parser.add_argument("--chunk-mib", type=int, default=4,
+                        help="readinto chunk (MiB), the same for both readers")
     parser.add_argument("--repeat", type=int, default=5, help="runs per reader and state")
     parser.add_argument("--cache-state", choices=("cold", "warm", "both"), default="both")
     parser.add_argument("--cache-dir", type=Path, default=None,

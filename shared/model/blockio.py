@@ -1,9 +1,11 @@
 """Reading block files into memory: large sequential ``readinto`` calls, checksum on the way.
 
 A block file holds exactly the block's bytes. It is read into a caller's preallocated buffer
-in chunks (16 MiB by default: large enough that per-call cost vanishes, small enough that the
-checksum of one chunk overlaps the read of the next). The checksum runs in a helper thread
-(xxhash and file reads both release the GIL), so verification costs little extra time.
+in chunks, and each chunk is hashed in a helper thread while the next one is read (xxhash
+and file reads both release the GIL), so verification costs little extra time. Chunks are
+4 MiB: measured on a 16-core host (bench-store, 512 MB, page cache warm), 2-4 MiB chunks
+read fastest with or without checksums and the hash still finds each chunk in the CPU cache
+(verified/plain 0.89); at 16 MiB the ratio fell to 0.79 and at 32 MiB to 0.74.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import xxhash
 from shared.errors import ChecksumMismatch
 from shared.model.layout import BlockEntry, ModelManifest
 
-DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 _hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-hash")
 
 

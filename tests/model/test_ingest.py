@@ -282,3 +282,12 @@ def test_too_many_blocks(make_tiny: MakeTiny, store: ModelStoreDir) -> None:
     with pytest.raises(InvalidParameter, match="blocks"):
         store.add("m", make_tiny(num_layers=2).directory, num_blocks=3, progress=False)
     assert store.names() == []
+
+
+def test_progress_bar_goes_to_stderr_when_asked(make_tiny: MakeTiny, store: ModelStoreDir,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    store.add("quiet", make_tiny().directory, progress=False)
+    assert capsys.readouterr().err == ""
+    store.add("shown", make_tiny().directory, progress=True)
+    captured = capsys.readouterr()
+    assert "ingest shown" in captured.err and captured.out == ""
