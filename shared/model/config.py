@@ -116,6 +116,16 @@ class ModelConfig:
         else:
             eos_ids = (int(eos),)
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        # transformers >= 5 writes rope settings as `rope_parameters` (rope_theta inside, and
+        # rope_type "default" when unscaled); older checkpoints use rope_theta + rope_scaling
+        rope_params = raw.get("rope_parameters")
+        rope_theta = raw.get("rope_theta")
+        rope_scaling = raw.get("rope_scaling")
+        if isinstance(rope_params, dict):
+            if rope_theta is None:
+                rope_theta = rope_params.get("rope_theta")
+            if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
         window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
         return cls(
             architecture=arch,
@@ -128,8 +138,8 @@ class ModelConfig:
             head_dim=head_dim,
             max_position_embeddings=raw.get("max_position_embeddings") or 2048,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            rope_scaling=raw.get("rope_scaling"),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling if isinstance(rope_scaling, dict) else None,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
             sliding_window=window if isinstance(window, int) else None,
