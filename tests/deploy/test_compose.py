@@ -1,0 +1,298 @@
+"""The compose cluster, statically: files parse, references resolve, commands name real
+service modules, ports are unique, and the monitoring files match what the router exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from services.scaler.provisioners import LABEL_OWNER, LABEL_ROLE, DockerProvisioner
+from shared.config import ServiceConfig, config_from
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose"
+BASE = COMPOSE / "docker-compose.yml"
+OVERRIDES = [COMPOSE / "docker-compose.gpu.yml", COMPOSE / "docker-compose.provisioner.yml"]
+SERVICE_KINDS = {"router", "scaler", "model_store", "transfer", "executor"}
+MONITORING = {"prometheus", "grafana"}
+# settings the env file sets ahead of the router's own config class (`lscale up` passes
+# LSCALE_HTTP_PORT already); anything else must be a real setting
+PENDING_SETTINGS = {"http_host", "http_port"}
+
+
+def load(path: Path) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), path
+    return data
+
+
+def dotenv(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: not KEY=VALUE: {line!r}"
+            out[key.strip()] = value.strip()
+    return out
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3)
+        return env.get(name, default if default is not None else "")
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", sub, value)
+
+
+def short_volume(spec: str) -> tuple[str, str]:
+    source, _, rest = spec.partition(":")
+    return source, rest.split(":")[0]
+
+
+def lscale_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose["services"].items()
+            if "lscale" in str(svc.get("image", ""))}
+
+
+def test_base_file_has_the_cluster() -> None:
+    compose = load(BASE)
+    assert set(compose["services"]) == {"nats", *SERVICE_KINDS, *MONITORING}
+    assert set(lscale_services(compose)) == SERVICE_KINDS
+
+
+def test_every_lscale_command_names_a_service_module() -> None:
+    for path in (BASE, *OVERRIDES):
+        for name, svc in load(path)["services"].items():
+            command = svc.get("command")
+            if command is None or name in {"nats", *MONITORING}:
+                continue
+            first = command[0] if isinstance(command, list) else command.split()[0]
+            if first in ("python", "python3"):  # python -m services.<kind>
+                first = command[command.index("-m") + 1].removeprefix("services.")
+            assert (ROOT / "services" / first / "__main__.py").is_file(), f"{path.name}: {name}"
+
+
+def test_references_resolve() -> None:
+    base = load(BASE)
+    volumes = set(base.get("volumes") or {})
+    networks = set(base.get("networks") or {})
+    services = set(base["services"])
+    for path in (BASE, *OVERRIDES):
+        compose = load(path)
+        assert set(compose["services"]) <= services, f"{path.name} overrides unknown services"
+        for name, svc in compose["services"].items():
+            where = f"{path.name}: {name}"
+            deps = svc.get("depends_on") or []
+            assert set(deps) <= services, where
+            assert set(svc.get("networks") or []) <= networks, where
+            for env_file in svc.get("env_file") or []:
+                assert (path.parent / env_file).is_file(), f"{where}: {env_file}"
+            for spec in svc.get("volumes") or []:
+                source, target = short_volume(spec)
+                assert target.startswith("/"), where
+                if source.startswith((".", "/")):
+                    if source.startswith("."):
+                        assert (path.parent / source).exists(), f"{where}: {source}"
+                else:
+                    assert source in volumes, f"{where}: volume {source} not declared"
+            build = svc.get("build")
+            if build:
+                context = path.parent / build["context"]
+                assert (context / build.get("dockerfile", "Dockerfile")).is_file(), where
+
+
+def test_every_service_restarts_and_has_a_health_check() -> None:
+    for name, svc in load(BASE)["services"].items():
+        assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), name
+        test = svc.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), name
+    for name, svc in lscale_services(load(BASE)).items():
+        assert svc["healthcheck"]["test"] == ["CMD", "lscale-healthcheck"], name
+        assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
+
+
+def test_monitoring_is_an_optional_profile() -> None:
+    for name, svc in load(BASE)["services"].items():
+        assert (svc.get("profiles") == ["monitoring"]) == (name in MONITORING), name
+
+
+def test_host_ports_are_unique_across_all_files() -> None:
+    env = dotenv(COMPOSE / ".env")
+    seen: dict[str, str] = {}
+    for path in (BASE, *OVERRIDES):
+        for name, svc in load(path)["services"].items():
+            for spec in svc.get("ports") or []:
+                host = interpolate(str(spec), env).rsplit(":", 1)[0]
+                assert host not in seen or seen[host] == name, \
+                    f"host port {host}: {seen.get(host)} and {name}"
+                seen[host] = name
+    assert {"8000", "4222", "9090", "3000"} <= set(seen)
+
+
+def test_env_file_is_a_valid_service_config_pointing_at_the_nats_service() -> None:
+    env = dotenv(COMPOSE / "lscale.env")
+    assert all(k.startswith("LSCALE_") for k in env)
+    settings = {k.removeprefix("LSCALE_").lower() for k in env}
+    known = {f for f in ServiceConfig.__dataclass_fields__}
+    for kind in SERVICE_KINDS:
+        module = __import__(f"services.{kind}.service", fromlist=["x"])
+        for obj in vars(module).values():
+            config_cls = getattr(obj, "config_cls", None)
+            if isinstance(config_cls, type):
+                known |= set(config_cls.__dataclass_fields__)
+    assert settings - known <= PENDING_SETTINGS, settings - known - PENDING_SETTINGS
+    config = config_from(ServiceConfig, {}, env)  # raises ConfigError on a bad value
+    host_port = config.nats_url.removeprefix("nats://")
+    host, port = host_port.split(":")
+    nats = load(BASE)["services"][host]
+    assert nats["image"].startswith("nats:")
+    assert port == "4222" and any(str(p).endswith(":4222") for p in nats["ports"])
+    assert nats["command"][:3] == ["-js", "-sd", "/data"]
+    assert any(short_volume(v)[1] == "/data" for v in nats["volumes"])
+
+
+def test_executors_and_the_docker_provisioner_agree() -> None:
+    base = load(BASE)
+    executor = base["services"]["executor"]
+    assert executor["labels"][LABEL_ROLE] == "executor"
+    # the provisioner lists (and may stop) containers with its own owner: compose's replicas
+    # must carry another owner so the scaler never adopts them
+    default_owner = DockerProvisioner.__init__.__kwdefaults__["owner"]
+    assert executor["labels"][LABEL_OWNER] != default_owner
+    assert int(interpolate(str(executor["deploy"]["replicas"]), dotenv(COMPOSE / ".env"))) >= 1
+    network = base["networks"]["lscale"]["name"]
+    provisioner = load(COMPOSE / "docker-compose.provisioner.yml")["services"]["scaler"]
+    assert provisioner["environment"]["LSCALE_EXECUTOR_NETWORK"] == network
+    assert provisioner["environment"]["LSCALE_EXECUTOR_IMAGE"] == base["services"]["scaler"]["image"]
+    assert "/var/run/docker.sock:/var/run/docker.sock" in provisioner["volumes"]
+
+
+def test_gpu_variant_reserves_one_nvidia_gpu_per_executor() -> None:
+    gpu = load(COMPOSE / "docker-compose.gpu.yml")["services"]
+    assert set(gpu) == {"executor"}
+    devices = gpu["executor"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "cu" in gpu["executor"]["build"]["args"]["TORCH_INDEX_URL"]
+
+
+# --- Prometheus and Grafana against the router's real /metrics ---------------------------------
+class _StatsOnly:
+    """The one backend method /metrics calls."""
+
+    def model_stats(self) -> dict[str, Any]:
+        from services.router.backend import ModelStats
+
+        return {"llama-tiny": ModelStats(queue_depth=3, local_instances=1, pipelines=2,
+                                         outstanding=4)}
+
+
+async def router_metrics_text(path: str) -> tuple[int, str]:
+    from services.router.http import create_app
+    from services.router.metrics import RouterMetrics
+
+    metrics = RouterMetrics()
+    labels = {"model": "llama-tiny"}
+    metrics.requests.inc({**labels, "endpoint": "/v1/completions", "status": "200"})
+    metrics.tokens.inc({**labels, "kind": "completion"}, 5)
+    metrics.ttft.observe(labels, 0.2)
+    metrics.e2e.observe(labels, 0.9)
+    app = create_app(_StatsOnly(), metrics=metrics)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://router") as client:
+        response = await client.get(path)
+    return response.status_code, response.text
+
+
+def exposed_metric_names(text: str) -> set[str]:
+    names = set()
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+async def test_prometheus_scrapes_what_the_router_serves() -> None:
+    config = load(COMPOSE / "prometheus.yml")
+    services = load(BASE)["services"]
+    env = dotenv(COMPOSE / "lscale.env")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    router_job = jobs["lscale-router"]
+    (target,) = router_job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    assert host in services and port == env["LSCALE_HTTP_PORT"]
+    assert any(str(p).endswith(f":{port}") for p in services[host]["ports"])
+    status, text = await router_metrics_text(router_job.get("metrics_path", "/metrics"))
+    assert status == 200
+    assert "lscale_router_time_to_first_token_seconds_bucket" in exposed_metric_names(text)
+
+
+async def test_grafana_dashboard_queries_only_metrics_the_router_exposes() -> None:
+    dashboard = json.loads((COMPOSE / "grafana" / "lscale-dashboard.json").read_text())
+    datasource = load(COMPOSE / "grafana" / "provisioning" / "datasources" / "lscale.yml")
+    (ds,) = datasource["datasources"]
+    assert ds["url"] == "http://prometheus:9090"
+    _, text = await router_metrics_text("/metrics")
+    exposed = exposed_metric_names(text)
+    titles = []
+    for panel in dashboard["panels"]:
+        titles.append(panel["title"])
+        assert panel["datasource"]["uid"] == ds["uid"]
+        assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+        ref_ids = [t["refId"] for t in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)) and ref_ids
+        for target in panel["targets"]:
+            for name in re.findall(r"\blscale_[a-z_]+", target["expr"]):
+                assert name in exposed, f"{panel['title']}: {name} is not exposed by the router"
+    wanted = ("Request rate", "Time to first token", "Queue depth", "Instances and pipelines")
+    for w in wanted:
+        assert any(t.startswith(w) for t in titles), w
+    ttft = next(p for p in dashboard["panels"] if p["title"].startswith("Time to first token"))
+    assert {"histogram_quantile(0.5", "histogram_quantile(0.99"} <= {
+        t["expr"][:len("histogram_quantile(0.99")].rstrip(",") for t in ttft["targets"]}
+
+
+def test_grafana_provisioning_points_at_the_mounted_dashboard() -> None:
+    provider = load(COMPOSE / "grafana" / "provisioning" / "dashboards" / "lscale.yml")
+    folder = provider["providers"][0]["options"]["path"]
+    grafana = load(BASE)["services"]["grafana"]
+    targets = {short_volume(v)[1]: short_volume(v)[0] for v in grafana["volumes"]}
+    assert targets[f"{folder}/lscale-dashboard.json"] == "./grafana/lscale-dashboard.json"
+    assert targets["/etc/grafana/provisioning"] == "./grafana/provisioning"
+
+
+# --- the compose CLI's own validation, where one is installed ------------------------------------
+def compose_cli() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(compose_cli() is None,
+                    reason="neither `docker compose` nor `docker-compose` is installed")
+@pytest.mark.parametrize("extra", [[], ["docker-compose.gpu.yml"],
+                                   ["docker-compose.provisioner.yml"]])
+def test_compose_cli_accepts_the_files(extra: list[str], tmp_path: Path) -> None:
+    cli = compose_cli()
+    assert cli is not None
+    files = [arg for name in ["docker-compose.yml", *extra] for arg in ("-f", name)]
+    result = subprocess.run([*cli, *files, "--profile", "monitoring", "config", "-q"],
+                            cwd=COMPOSE, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # and a broken reference is refused, so the pass above means something
+    broken = tmp_path / "broken.yml"
+    broken.write_text("services:\n  router:\n    volumes: [no-such-volume:/x]\n")
+    bad = subprocess.run([*cli, "-f", "docker-compose.yml", "-f", str(broken), "config", "-q"],
+                         cwd=COMPOSE, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0
