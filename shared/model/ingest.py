@@ -8,6 +8,7 @@ place, so a failed or interrupted ingest never leaves a half model visible.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -167,7 +168,14 @@ def _publish(temp: Path, target: Path, replace: bool) -> None:
             raise InvalidParameter(f"model already exists at {target}")
         trash = target.parent / f"{TRASH_PREFIX}{target.name}-{secrets.token_hex(4)}"
         os.rename(target, trash)
-    os.rename(temp, target)
+    try:
+        os.rename(temp, target)
+    except OSError as exc:
+        if trash is not None:  # put the old version back
+            os.rename(trash, target)
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):  # another ingest won the race
+            raise InvalidParameter(f"model already exists at {target}") from exc
+        raise
     fsync_dir(target.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)

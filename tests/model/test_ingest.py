@@ -291,3 +291,19 @@ def test_progress_bar_goes_to_stderr_when_asked(make_tiny: MakeTiny, store: Mode
     store.add("shown", make_tiny().directory, progress=True)
     captured = capsys.readouterr()
     assert "ingest shown" in captured.err and captured.out == ""
+
+
+def test_losing_a_publish_race_is_a_named_error(make_tiny: MakeTiny, store: ModelStoreDir) -> None:
+    """Another ingest of the same name finishing first: refused, nothing half-written."""
+    ckpt = make_tiny()
+
+    def other_ingest_wins(block: BlockEntry) -> None:
+        if not store.exists("m"):
+            ModelStoreDir(store.root).add("m", make_tiny(seed=9).directory, progress=False)
+
+    with pytest.raises(InvalidParameter, match="already exists"):
+        store.add("m", ckpt.directory, num_blocks=2, progress=False, on_block=other_ingest_wins)
+    store.verify("m")
+    _, views = load_model(store.manifest("m"), store.source("m"))
+    assert same_bytes(views[EMBED_NAME], load_originals(make_tiny(seed=9).directory)[EMBED_NAME])
+    assert _hidden_entries(store) == []
