@@ -61,11 +61,17 @@ def _number(value: Any) -> float | None:
 
 def executor_gpu_seconds(samples: Sequence[MetricSample], start: float, end: float, *,
                          hold_s: float = DEFAULT_HOLD_S) -> float | None:
-    """GPU-seconds within ``[start, end]`` from executor snapshots; None without any usable one."""
+    """GPU-seconds within ``[start, end]`` from executor snapshots; None without any usable one.
+
+    Each executor's last snapshot before ``start`` (if any) gives its state at ``start``."""
     by_executor: dict[str, list[MetricSample]] = {}
     for s in sorted(samples, key=lambda s: s.received):
-        if s.service == "executor" and start <= s.received <= end:
-            by_executor.setdefault(s.instance_id, []).append(s)
+        if s.service != "executor" or s.received > end:
+            continue
+        series = by_executor.setdefault(s.instance_id, [])
+        if s.received < start and series:
+            series.pop()  # only the latest snapshot before the window is kept
+        series.append(s)
     total: float | None = None
     for series in by_executor.values():
         counters = [(s.received, v) for s in series
@@ -82,8 +88,9 @@ def executor_gpu_seconds(samples: Sequence[MetricSample], start: float, end: flo
         busy = 0.0
         for i, (t, assigned) in enumerate(flagged):
             until = min(t + hold_s, flagged[i + 1][0] if i + 1 < len(flagged) else end, end)
-            if assigned and until > t:
-                busy += until - t
+            since = max(t, start)
+            if assigned and until > since:
+                busy += until - since
         total = (total or 0.0) + busy
     return total
 

@@ -116,6 +116,9 @@ def pattern_segments(pattern: str, *, rate: float, duration_s: float, burst_rate
                      step_at_s: float | None = None, on_s: float = 5.0,
                      off_s: float = 15.0) -> list[RateSegment]:
     """Rate segments of a named pattern (see the module docstring)."""
+    _check_rate("rate", rate)
+    if burst_rate is not None:
+        _check_rate("burst rate", burst_rate)
     if pattern == "poisson":
         return poisson_segments(rate, duration_s)
     if burst_rate is None:

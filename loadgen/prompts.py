@@ -215,6 +215,11 @@ def load_tokenizer(directory: str | Path) -> Any:
     if not path.is_dir():
         raise ConfigError("--tokenizer", f"{path} is not a directory")
     try:
+        if (path / "tokenizer.json").is_file():
+            # the fast tokenizer class directly: AutoTokenizer would import torch (seconds)
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

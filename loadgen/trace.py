@@ -63,9 +63,11 @@ class Trace:
         return self.arrivals[-1].at_s if self.arrivals else 0.0
 
 
-def parse_timestamp(text: str) -> float:
-    """Seconds since the epoch of ``2023-11-16 18:15:46.6805900`` (any number of fractional
-    digits, optional ``T``, optional zone), or of a plain number of seconds."""
+def parse_timestamp_ns(text: str) -> int:
+    """Integer nanoseconds since the epoch of ``2023-11-16 18:15:46.6805900`` (any number of
+    fractional digits, optional ``T``, optional zone; naive = UTC), or of a plain number of
+    seconds. Integers because a float of epoch seconds (~1.7e9) cannot hold the 0.1 µs steps of
+    a seven-digit fraction; offsets are taken in integers and only then made floats."""
     text = text.strip()
     m = _TIMESTAMP.fullmatch(text)
     if m is None:
@@ -75,7 +77,7 @@ def parse_timestamp(text: str) -> float:
             raise ValueError(f"not a timestamp: {text!r}") from None
         if not math.isfinite(value):
             raise ValueError(f"not a finite timestamp: {text!r}")
-        return value
+        return round(value * 1e9)
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     fraction, zone = m.group(7), m.group(8)
     try:
@@ -86,9 +88,14 @@ def parse_timestamp(text: str) -> float:
         sign = 1 if zone[0] == "+" else -1
         digits = zone[1:].replace(":", "")
         moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-    # the fraction is added as a float of its own so that 7+ digits keep their precision
-    seconds = (moment - _EPOCH).total_seconds()
-    return seconds + (int(fraction) / 10 ** len(fraction) if fraction else 0.0)
+    whole_s = (moment - _EPOCH) // timedelta(seconds=1)
+    nanos = int((fraction or "0")[:9].ljust(9, "0"))
+    return whole_s * 1_000_000_000 + nanos
+
+
+def parse_timestamp(text: str) -> float:
+    """Seconds since the epoch (see :func:`parse_timestamp_ns`; a float loses sub-µs digits)."""
+    return parse_timestamp_ns(text) / 1e9
 
 
 def _token_count(text: str, column: str) -> int:
@@ -121,7 +128,7 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>", *,
                 skip_malformed: bool = False) -> Trace:
     """Parse trace lines (with or without the header row) into a :class:`Trace`."""
     columns = (0, 1, 2)
-    rows: list[tuple[float, int, int]] = []
+    rows: list[tuple[int, int, int]] = []
     skipped = 0
     reasons: list[str] = []
     saw_content = False
@@ -140,7 +147,7 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>", *,
             if len(cells) <= max(columns):
                 raise ValueError(f"expected {max(columns) + 1} comma-separated fields, "
                                  f"got {len(cells)}")
-            rows.append((parse_timestamp(cells[columns[0]]),
+            rows.append((parse_timestamp_ns(cells[columns[0]]),
                          _token_count(cells[columns[1]], "ContextTokens"),
                          _token_count(cells[columns[2]], "GeneratedTokens")))
         except ValueError as exc:
@@ -157,8 +164,8 @@ def parse_trace(lines: Iterable[str], source: str = "<trace>", *,
     if reordered:
         rows.sort(key=lambda r: r[0])  # stable: equal timestamps keep file order
     first = rows[0][0]
-    arrivals = tuple(Arrival(t - first, ctx, gen) for t, ctx, gen in rows)
-    return Trace(source, arrivals, first, skipped, tuple(reasons), reordered)
+    arrivals = tuple(Arrival((t - first) / 1e9, ctx, gen) for t, ctx, gen in rows)
+    return Trace(source, arrivals, first / 1e9, skipped, tuple(reasons), reordered)
 
 
 def read_trace(path: str | Path, *, skip_malformed: bool = False) -> Trace:
