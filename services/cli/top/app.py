@@ -96,7 +96,8 @@ async def run_live(nats_url: str, state: DashboardState, *, refresh_s: float,
                                        transient=True) as live:
             while not stop.is_set():
                 view = state.view(time.time())
-                live.update(dashboard(view, nats_url, console.size.height), refresh=True)
+                live.update(dashboard(view, nats_url, console.size.height, console.size.width),
+                            refresh=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), refresh_s)
     finally:

@@ -73,7 +73,7 @@ def models_table(rows: Sequence[ModelRow]) -> Table:
     for name, justify in (("model", "left"), ("req/s", "right"), ("queue", "right"),
                           ("TTFT p50", "right"), ("TTFT p99", "right"), ("instances", "right"),
                           ("pipelines", "right"), ("executors", "right"), ("GPU·s", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
         table.add_row(Text(r.model, style="bold"), _num(r.rps), _int(r.queue_depth),
                       _ms(r.ttft_p50), _ms(r.ttft_p99), _int(r.instances), _int(r.pipelines),
@@ -83,11 +83,13 @@ def models_table(rows: Sequence[ModelRow]) -> Table:
     return table
 
 
-def transfers_table(rows: Sequence[TransferRow]) -> Table:
+def transfers_table(rows: Sequence[TransferRow], bar_width: int = PROGRESS_WIDTH) -> Table:
     table = Table(title="transfers in progress", title_justify="left", expand=True,
                   pad_edge=False)
-    for name in ("transfer", "model", "strategy", "receiver", "progress", "", "bytes"):
+    for name in ("transfer", "model", "strategy", "receiver", "progress"):
         table.add_column(name, no_wrap=True)
+    table.add_column("", no_wrap=True, min_width=4, justify="right")
+    table.add_column("bytes", no_wrap=True)
     for t in rows:
         if not t.receivers:
             table.add_row(t.transfer_id, t.model or UNKNOWN, t.strategy or UNKNOWN, UNKNOWN, "",
@@ -96,7 +98,7 @@ def transfers_table(rows: Sequence[TransferRow]) -> Table:
             fraction = r.fraction
             bar = ProgressBar(total=float(r.bytes_total or 1),
                               completed=float(r.bytes_done if r.bytes_total else 0),
-                              width=PROGRESS_WIDTH)
+                              width=bar_width)
             pct = UNKNOWN if fraction is None else f"{fraction * 100:3.0f}%"
             first = i == 0
             table.add_row(t.transfer_id if first else "", (t.model or UNKNOWN) if first else "",
@@ -165,8 +167,8 @@ def _table_height(rows: int) -> int:
     return rows + 5
 
 
-def dashboard(view: DashboardView, nats_url: str, height: int) -> Layout:
-    """The full screen for a terminal ``height`` lines tall."""
+def dashboard(view: DashboardView, nats_url: str, height: int, width: int = 160) -> Layout:
+    """The full screen for a terminal ``height`` lines tall and ``width`` columns wide."""
     receivers = sum(max(1, len(t.receivers)) for t in view.transfers) or 1
     sizes = {
         "models": _table_height(max(1, len(view.models))),
@@ -178,7 +180,8 @@ def dashboard(view: DashboardView, nats_url: str, height: int) -> Layout:
     root.split_column(
         Layout(header(view, nats_url), name="header", size=1),
         Layout(models_table(view.models), name="models", size=sizes["models"]),
-        Layout(transfers_table(view.transfers), name="transfers", size=sizes["transfers"]),
+        Layout(transfers_table(view.transfers, bar_width=max(8, min(PROGRESS_WIDTH, width // 6))),
+               name="transfers", size=sizes["transfers"]),
         Layout(executors_table(view.executors), name="executors", size=sizes["executors"]),
         Layout(event_log(view.events, log_rows), name="events"),
     )
