@@ -7,8 +7,8 @@ orchestrator: the process is up, connected to NATS, set up, and not draining.
 
 - the kind comes from ``--kind`` or from the command line of the service process in this
   container (``-m services.<kind>``, found under /proc);
-- the instance is ``--id`` or ``LSCALE_INSTANCE_ID``; without either, the runtime's default id
-  (``<hostname>-<random>``) is matched by this container's hostname;
+- the instance is ``--id``, ``LSCALE_INSTANCE_ID`` or ``LSCALE_EXECUTOR_ID``; without them,
+  the runtime's default id (``<hostname>-<random>``) is matched by this container's hostname;
 - ``--http URL`` additionally requires an HTTP 200 from URL (the router's ``/health``).
 
 Exit status 0 when healthy, 1 otherwise (the reason on stderr). Every wait has a timeout.
@@ -112,7 +112,9 @@ def check_http(url: str, timeout: float) -> tuple[bool, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lscale-healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--kind", choices=KINDS, default=None)
-    parser.add_argument("--id", dest="instance_id", default=os.environ.get("LSCALE_INSTANCE_ID"))
+    # the DockerProvisioner sets LSCALE_EXECUTOR_ID, which the entry point makes the instance id
+    parser.add_argument("--id", dest="instance_id", default=os.environ.get("LSCALE_INSTANCE_ID")
+                        or os.environ.get("LSCALE_EXECUTOR_ID"))
     parser.add_argument("--nats-url", default=os.environ.get("LSCALE_NATS_URL",
                                                              "nats://127.0.0.1:4222"))
     parser.add_argument("--http", default=None, help="also require HTTP 200 from this URL")

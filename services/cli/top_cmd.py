@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,6 +42,8 @@ def cmd_top(args: argparse.Namespace) -> int:
     for name in ("window", "refresh", "stale_after"):
         if getattr(args, name) <= 0:
             raise ConfigError(name, f"--{name.replace('_', '-')} must be > 0")
+    if not args.once and not sys.stdout.isatty():
+        raise ConfigError("once", "the live view needs a terminal; use --once [--json] in scripts")
     url = resolve_nats_url(args.nats_url, args.state_dir)
     state = DashboardState(stale_after_s=args.stale_after)
     if not args.once:

@@ -97,6 +97,8 @@ async def test_unreachable_nats_is_a_clear_error() -> None:
 async def test_json_needs_once_and_no_cluster_needs_a_url() -> None:
     rc, _, err = await run_cli("top", "--json", "--nats-url", "nats://127.0.0.1:1")
     assert rc == 1 and "--json needs --once" in err
+    rc, _, err = await run_cli("top", "--nats-url", "nats://127.0.0.1:1")  # stdout is a pipe
+    assert rc == 1 and "needs a terminal" in err
     env_url = os.environ.pop("LSCALE_NATS_URL", None)
     try:
         rc, _, err = await run_cli("top", "--once")

@@ -93,10 +93,10 @@ def scaler(nats_server: NatsServer, tmp_path: Path) -> Iterator[str]:
             proc.wait(5)
 
 
-def healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LSCALE_")}
+def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LSCALE_")}
     return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True,
-                          text=True, timeout=30, env=env)
+                          text=True, timeout=30, env={**clean, **(env or {})})
 
 
 def test_healthcheck_against_a_real_service(nats_server: NatsServer, scaler: str) -> None:
@@ -108,6 +108,10 @@ def test_healthcheck_against_a_real_service(nats_server: NatsServer, scaler: str
         result = healthcheck(*args, "--id", scaler)
     assert result.returncode == 0, result.stderr
     assert "scaler scaler-hc is running" in result.stdout
+
+    # a container of the DockerProvisioner knows its id from LSCALE_EXECUTOR_ID alone
+    by_env = healthcheck(*args, env={"LSCALE_EXECUTOR_ID": scaler})
+    assert by_env.returncode == 0, by_env.stderr
 
     other = healthcheck(*args, "--id", "scaler-elsewhere")
     assert other.returncode == 1 and "no scaler scaler-elsewhere answered" in other.stderr
