@@ -6,7 +6,8 @@
 #
 # Build arguments:
 #   BASE             python:3.11-slim-bookworm (default), or a CUDA runtime image such as
-#                    nvidia/cuda:13.0.0-runtime-ubuntu24.04 (its OS Python is installed)
+#                    nvidia/cuda:13.0.0-runtime-ubuntu24.04 (its OS Python is installed; it
+#                    must be Python >= 3.11, so Ubuntu 24.04 or later)
 #   TORCH_INDEX_URL  https://download.pytorch.org/whl/cpu (default); .../whl/cu130 for CUDA.
 #                    The CUDA wheels carry their CUDA libraries and the driver comes from the
 #                    NVIDIA container toolkit, so the slim base serves GPUs too.
@@ -49,9 +50,9 @@ COPY README.md /src/README.md
 COPY shared /src/shared
 COPY services /src/services
 COPY loadgen /src/loadgen
+# (the bytecode pip compiles stays: it saves every service start the compile of torch)
 RUN pip install --no-cache-dir --no-deps /src \
-    && pip check \
-    && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+    && pip check
 
 # ---------------------------------------------------------------------------------------------
 FROM ${BASE} AS runtime

@@ -157,3 +157,64 @@ def test_image_default_command_and_entrypoint_name_real_things() -> None:
     assert entry.args == '["lscale-service"]'
     kind = cmd.args.strip('[]"')
     assert (ROOT / "services" / kind / "__main__.py").is_file()
+
+
+def _can_build_wheels_offline() -> bool:
+    """setuptools >= 70.1 builds wheels by itself; older ones need the `wheel` package."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    major, minor = (int(x) for x in setuptools.__version__.split(".")[:2])
+    if (major, minor) >= (70, 1):
+        return True
+    try:
+        import wheel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _can_build_wheels_offline(),
+                    reason="this venv cannot build a wheel without downloads (setuptools < 70.1, no wheel)")
+def test_what_the_build_stage_copies_builds_a_complete_package(tmp_path: Path) -> None:
+    """Copy exactly what the build stage COPYs (minus .dockerignore'd files), build the wheel
+    the image installs, and check every service and the package data are in it."""
+    import tomllib
+    import zipfile
+
+    patterns = ignore_patterns()
+    instructions = parse(DOCKERFILE.read_text())
+    build_stage = instructions[: next(i for i, ins in enumerate(instructions)
+                                      if ins.keyword == "FROM" and "runtime" in ins.args)]
+    for ins in build_stage:
+        if ins.keyword != "COPY" or "--from=" in ins.args:
+            continue
+        *sources, dest = [w for w in ins.args.split() if not w.startswith("--")]
+        for source in sources:
+            target = tmp_path / dest.lstrip("/")
+            src = ROOT / source
+            files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+            for f in files:
+                rel = f.relative_to(ROOT).as_posix()
+                if dockerignore_excludes(rel, patterns):
+                    continue
+                out = target if src.is_file() else target / f.relative_to(src)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(f.read_bytes())
+    project = tmp_path / "src"
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for pattern in wanted["include"]:
+        assert (project / pattern.rstrip("*")).is_dir(), f"package {pattern} is not copied"
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(wheels), str(project)],
+                           capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for kind in ("router", "scaler", "model_store", "transfer", "executor"):
+        assert f"services/{kind}/__main__.py" in names
+    assert {"shared/py.typed", "services/cli/main.py", "loadgen/__main__.py"} <= names
+    assert any(n.startswith("shared/model/corpus/") for n in names)
+    assert not any("__pycache__" in n for n in names)
