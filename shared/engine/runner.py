@@ -114,9 +114,26 @@ class _StepPlan:
     last_token_index: torch.Tensor  # [num_chunks]
 
 
-def required_tensor_names(cfg: ModelConfig, first: int, last: int) -> dict[str, tuple[int, ...]]:
+def tied_head_name(cfg: ModelConfig, weights: Mapping[str, torch.Tensor]) -> str:
+    """Which tensor serves as the LM head.
+
+    The store's block layout puts a copy of tied embeddings in the last block as
+    ``lm_head.weight`` (so a last pipeline stage works without block 0); plain HF checkpoints
+    of tied models have no ``lm_head.weight`` and the embeddings serve.
+    """
+    if not cfg.tie_word_embeddings or "lm_head.weight" in weights:
+        return "lm_head.weight"
+    return "model.embed_tokens.weight"
+
+
+def required_tensor_names(
+    cfg: ModelConfig, first: int, last: int, weights: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, tuple[int, ...]]:
     """The tensors (HF names, shapes) a stage of layers ``[first, last)`` needs."""
     shapes = expected_tensor_shapes(cfg)
+    if cfg.tie_word_embeddings and last == cfg.num_layers:
+        head = tied_head_name(cfg, weights or {})
+        shapes[head] = shapes["model.embed_tokens.weight"]
     needed: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         layer = layer_of_tensor(name)
@@ -124,7 +141,8 @@ def required_tensor_names(cfg: ModelConfig, first: int, last: int) -> dict[str, 
             if first <= layer < last:
                 needed[name] = shape
         elif name == "model.embed_tokens.weight":
-            if first == 0 or (last == cfg.num_layers and cfg.tie_word_embeddings):
+            if first == 0 or (last == cfg.num_layers and cfg.tie_word_embeddings
+                              and tied_head_name(cfg, weights or {}) == name):
                 needed[name] = shape
         elif last == cfg.num_layers:  # final norm, lm_head
             needed[name] = shape
@@ -167,9 +185,7 @@ class ModelRunner:
         self.final_norm = weights["model.norm.weight"] if self.is_last else None
         self.lm_head: torch.Tensor | None = None
         if self.is_last:
-            self.lm_head = weights[
-                "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-            ]
+            self.lm_head = weights[tied_head_name(config, weights)]
         self.layers = [self._layer_weights(weights, i) for i in range(first, last)]
         per_token = kv_bytes_per_token(
             last - first, config.num_kv_heads, config.head_dim, self.dtype
@@ -192,7 +208,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- construction
 
     def _check_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
-        for name, shape in required_tensor_names(self.config, self.first, self.last).items():
+        for name, shape in required_tensor_names(self.config, self.first, self.last, weights).items():
             tensor = weights.get(name)
             if tensor is None:
                 raise CheckpointError(f"weights: missing tensor {name!r}", tensor=name)
