@@ -92,6 +92,16 @@ def _error_message(body: bytes) -> str:
     return str(doc)[:300]
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The message of an exception and of the innermost one it was raised from (for a connect
+    failure, the OS error behind httpx's generic "All connection attempts failed")."""
+    root = exc
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__  # type: ignore[assignment]
+    text = str(exc) or type(exc).__name__
+    return text if root is exc else f"{text} ({type(root).__name__}: {root})"
+
+
 async def send_completion(client: httpx.AsyncClient, url: str, model: str, prompt: str,
                           record: RequestRecord, *, t0: float, timeout_s: float,
                           extra_body: dict[str, Any] | None = None) -> RequestRecord:
@@ -148,7 +158,7 @@ async def send_completion(client: httpx.AsyncClient, url: str, model: str, promp
     except TimeoutError:
         record.error, record.error_detail = "timeout", f"no complete reply within {timeout_s:g}s"
     except httpx.ConnectError as exc:
-        record.error, record.error_detail = "connect", str(exc) or type(exc).__name__
+        record.error, record.error_detail = "connect", _root_cause(exc)
     except httpx.TimeoutException as exc:
         record.error, record.error_detail = "timeout", f"{type(exc).__name__}: {exc}"
     except httpx.HTTPError as exc:

@@ -2,7 +2,7 @@
 
 - ``latency_cdf.png``: cumulative distributions of TTFT and end-to-end latency of the
   completed requests, with p50/p99 marked and the TTFT SLO drawn when one was given.
-- ``timeline.png``: per-second requests sent and completed, requests in flight, and — when
+- ``timeline.png``: per-second requests scheduled, sent and completed, requests in flight, and — when
   router metrics were collected — queue depth and instance count of the model.
 """
 
@@ -77,6 +77,9 @@ def plot_timeline(records: Sequence[RequestRecord], path: Path, *,
     rate_ax, flight_ax, cluster_ax = axes
 
     bins = [float(i) for i in range(len(per_second(sent, end)))]
+    scheduled = [r.scheduled_s for r in records]
+    rate_ax.step(bins, per_second(scheduled, end), where="post", label="scheduled",
+                 color="lightgray", linestyle="--")
     rate_ax.step(bins, per_second(sent, end), where="post", label="sent", color="tab:blue")
     rate_ax.step(bins, per_second(done, end), where="post", label="completed", color="tab:green")
     failed = [r.sent_s for r in records if not r.ok and r.sent_s is not None]
