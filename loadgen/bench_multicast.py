@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -46,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inflight", type=int, default=1,
                         help="edges a node may send (and receive) at once; >1 hides per-edge "
                              "control latency at the cost of sharing the link")
+    parser.add_argument("--control", choices=("driver", "push"), default="driver",
+                        help="push: each node gets its list of sends and runs each as soon as "
+                             "it holds the chunk (no round trip per edge); driver: the "
+                             "TransferDriver starts every edge over the control channel")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="per strategy")
     parser.add_argument("--json", action="store_true")
     # internal: one rank of the gloo baseline, started inside a namespace by the bench
@@ -161,8 +166,8 @@ def _layout(size: int, blocks: int, data: bytes) -> list[list[Any]]:
 
 async def _bench(args: argparse.Namespace, strategies: list[str]) -> dict[str, Any]:
     from services.transfer.benchnode import model_bytes
-    from services.transfer.driver import TransferDriver, first_pipeline_seconds
-    from services.transfer.planner import Edge, plan_multicast
+    from services.transfer.driver import TransferDriver, TransferResult, first_pipeline_seconds
+    from services.transfer.planner import Edge, MulticastPlan, plan_multicast
     from shared.emu import EmuCluster
     from shared.errors import TransportError
 
@@ -189,10 +194,16 @@ async def _bench(args: argparse.Namespace, strategies: list[str]) -> dict[str, A
                 ctl[n].call("setup", blocks=layout, parts=args.parts, holder=n in holders,
                             seed=SEED) for n in names)), strict=True))
 
+            edge_seconds: list[float] = []  # data-plane time of each edge, seen by its sender
+            rpc_seconds: list[float] = []  # the same edges as the driver saw them
+
             async def send(edge: Edge) -> None:
                 try:
-                    await ctl[edge.src].call("send", target=descs[edge.dst], chunk=edge.chunk,
-                                             timeout_s=args.timeout_s)
+                    sent_at = time.monotonic()
+                    reply = await ctl[edge.src].call("send", target=descs[edge.dst],
+                                                     chunk=edge.chunk, timeout_s=args.timeout_s)
+                    edge_seconds.append(float(reply["seconds"]))
+                    rpc_seconds.append(time.monotonic() - sent_at)
                 except TransportError as exc:
                     if "node" not in exc.details:
                         exc.details["node"] = edge.dst
@@ -201,13 +212,51 @@ async def _bench(args: argparse.Namespace, strategies: list[str]) -> dict[str, A
             chunk_nbytes = [layout[c // args.parts][2] // args.parts
                             for c in range(args.blocks * args.parts)]
 
-            async def run_strategy(strategy: str, k: int) -> dict[str, Any]:
-                await asyncio.gather(*(ctl[r].call("reset") for r in receivers))
-                plan = plan_multicast(strategy, holders[:k], receivers, args.blocks, args.parts)
+            async def run_driver(plan: MulticastPlan) -> TransferResult:
                 driver = TransferDriver(plan, send, chunk_bytes=lambda c: chunk_nbytes[c],
                                         sends_per_node=args.inflight,
                                         receives_per_node=args.inflight)
-                result = await driver.run(args.timeout_s)
+                return await driver.run(args.timeout_s)
+
+            async def run_push(plan: MulticastPlan) -> TransferResult:
+                start = time.monotonic()
+                await asyncio.gather(*(
+                    ctl[src].call("schedule", edges=[[e.chunk, descs[e.dst]] for e in edges],
+                                  timeout_s=args.timeout_s)
+                    for src, edges in plan.outgoing().items()))
+                deadline = start + args.timeout_s
+                while True:
+                    statuses = dict(zip(receivers, await asyncio.gather(
+                        *(ctl[r].call("status") for r in receivers)), strict=True))
+                    senders = await asyncio.gather(*(ctl[n].call("status") for n in names))
+                    errors = {n: s["push_error"] for n, s in zip(names, senders, strict=True)
+                              if s["push_error"]}
+                    if errors:
+                        raise TransportError(f"push failed: {errors}")
+                    if all(len(s["ready"]) == args.blocks for s in statuses.values()):
+                        break
+                    if time.monotonic() > deadline:
+                        raise TransportError(f"push did not finish in {args.timeout_s} s")
+                    await asyncio.sleep(0.1)
+                arrivals = sorted((t - start, r, int(c)) for r, s in statuses.items()
+                                  for c, t in s["arrivals"].items())
+                completion = {r: max(s["ready_times"].values()) - start
+                              for r, s in statuses.items()}
+                return TransferResult(completion_s=completion,
+                                      bytes_received={r: size for r in receivers}, failed={},
+                                      replans=0, edges_done=len(arrivals),
+                                      elapsed_s=max(completion.values()), arrivals=arrivals,
+                                      complete=True)
+
+            async def run_strategy(strategy: str, k: int) -> dict[str, Any]:
+                await asyncio.gather(*(ctl[r].call("reset") for r in receivers))
+                edge_seconds.clear()
+                rpc_seconds.clear()
+                plan = plan_multicast(strategy, holders[:k], receivers, args.blocks, args.parts)
+                if args.control == "push":
+                    result = await run_push(plan)
+                else:
+                    result = await run_driver(plan)
                 statuses = await asyncio.gather(*(ctl[r].call("status") for r in receivers))
                 verified = all(s["ready"] == list(range(args.blocks))
                                and s["checksum_failures"] == 0 for s in statuses)
@@ -217,6 +266,12 @@ async def _bench(args: argparse.Namespace, strategies: list[str]) -> dict[str, A
                         "ratio_to_bound": completion / bound_s if completion else None,
                         "first_pipeline_s": first, "plan_ticks": plan.num_ticks,
                         "plan_optimal": plan.optimal, "verified": verified,
+                        "control": args.control,
+                        "chunk_wire_s": chunk_nbytes[0] * 8 / (args.link_mbit * 1e6),
+                        "edge_s_mean": statistics.fmean(edge_seconds) if edge_seconds else None,
+                        "edge_s_p90": (statistics.quantiles(edge_seconds, n=10)[-1]
+                                       if len(edge_seconds) >= 2 else None),
+                        "rpc_s_mean": statistics.fmean(rpc_seconds) if rpc_seconds else None,
                         "failed": result.failed,
                         "per_receiver_s": {r: round(t, 3)
                                            for r, t in sorted(result.completion_s.items())}}

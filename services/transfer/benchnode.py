@@ -7,7 +7,10 @@ TCP, one request per line with an ``id``, answered out of order) that a coordina
 - ``setup``  {blocks: [[index, offset, nbytes, checksum]...], parts, holder, seed} → the
   node's region descriptor; a holder fills its buffer from ``seed`` and checks the checksums;
 - ``send``   {target: descriptor, chunk} → writes that chunk of its buffer into the target;
-- ``status`` → the blocks it holds (verified), checksum failures;
+- ``schedule`` {edges: [[chunk, target descriptor]...]} → (push mode) the node sends these
+  chunks in order, each as soon as it holds it, by itself, and answers at once;
+- ``status`` → the blocks it holds (verified), checksum failures, arrival and verification
+  times (``time.monotonic()``, one clock for every namespace of the host), schedule progress;
 - ``reset``  → forget received blocks (the next strategy starts from empty);
 - ``quit``.
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -38,6 +43,9 @@ class BenchNode:
         self.host = host
         self.peer: DataPlanePeer | None = None
         self.stop = asyncio.Event()
+        self.pushing: asyncio.Task[None] | None = None
+        self.pushed = 0
+        self.push_error = ""
 
     async def handle(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
@@ -56,17 +64,41 @@ class BenchNode:
         if peer is None:
             raise LScaleError("node not set up")
         if op == "send":
+            started = time.perf_counter()
             await peer.send_chunk(req["target"], int(req["chunk"]))
+            return {"seconds": time.perf_counter() - started}
+        if op == "schedule":
+            if self.pushing is not None and not self.pushing.done():
+                raise LScaleError("a schedule is already running")
+            self.pushed, self.push_error = 0, ""
+            self.pushing = asyncio.create_task(
+                self._push(peer, [(int(c), t) for c, t in req["edges"]],
+                           float(req.get("timeout_s", 300))))
             return True
         if op == "status":
-            return {"ready": sorted(peer.ready), "checksum_failures": peer.checksum_failures}
+            return {"ready": sorted(peer.ready), "checksum_failures": peer.checksum_failures,
+                    "arrivals": {str(c): t for c, t in peer.arrivals.items()},
+                    "ready_times": {str(b): t for b, t in peer.ready_times.items()},
+                    "pushed": self.pushed, "push_error": self.push_error}
         if op == "reset":
+            if self.pushing is not None:
+                self.pushing.cancel()
             peer.reset()
             return True
         if op == "quit":
             self.stop.set()
             return True
         raise LScaleError(f"unknown op {op!r}")
+
+    async def _push(self, peer: DataPlanePeer, edges: list[tuple[int, Any]],
+                    timeout_s: float) -> None:
+        try:
+            for chunk, target in edges:
+                await peer.wait_chunk(chunk, timeout_s)
+                await peer.send_chunk(target, chunk)
+                self.pushed += 1
+        except LScaleError as exc:
+            self.push_error = str(exc)
 
     async def serve_client(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -85,13 +117,16 @@ class BenchNode:
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
 
-        while not self.stop.is_set():
-            line = await reader.readline()
-            if not line:
-                break
-            task = asyncio.create_task(answer(json.loads(line)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        # at shutdown asyncio cancels this handler; ending quietly is right (Python 3.11
+        # otherwise logs the cancellation as an error of the stream callback)
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            while not self.stop.is_set():
+                line = await reader.readline()
+                if not line:
+                    break
+                task = asyncio.create_task(answer(json.loads(line)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         writer.close()
 
     async def main(self, port: int) -> None:

@@ -113,6 +113,14 @@ class MulticastPlan:
             deps[e] = None if e.src in holders else delivered_by.get((e.src, e.chunk))
         return deps
 
+    def outgoing(self) -> dict[str, list[Edge]]:
+        """Each sender's edges in plan order: what a node runs by itself in push mode,
+        starting each as soon as it holds the chunk (and its previous send is done)."""
+        out: dict[str, list[Edge]] = defaultdict(list)
+        for e in self.edges():
+            out[e.src].append(e)
+        return dict(out)
+
     def completion_tick(self) -> dict[str, int]:
         """The tick (0-based) after which each receiver holds every chunk."""
         count: dict[str, int] = defaultdict(int)

@@ -205,7 +205,7 @@ class EmuCluster:
         # the bucket must hold a full GSO segment (64 KiB) or large packets are dropped
         burst = max(128 * 1024, int(rate_bytes / 100))
         return ["tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                "rate", f"{self.link_mbit}mbit", "burst", str(burst), "latency", "100ms"]
+                "rate", f"{self.link_mbit}mbit", "burst", str(burst), "latency", "10ms"]
 
     def down(self) -> None:
         if not self._up:

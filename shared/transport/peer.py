@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -83,6 +84,8 @@ class DataPlanePeer:
         self.descriptor: RegionDescriptor | None = None
         self.ready: set[int] = set()
         self.checksum_failures = 0
+        self.arrivals: dict[int, float] = {}  # chunk -> time.monotonic() when it landed
+        self.ready_times: dict[int, float] = {}  # block -> time.monotonic() when verified
         self._parts_seen: dict[int, set[int]] = {}
         self._writers: dict[tuple[str, str], RegionWriter] = {}
         self._writer_locks: dict[tuple[str, str], asyncio.Lock] = {}
@@ -109,6 +112,8 @@ class DataPlanePeer:
         """Forget what arrived (the next transfer starts from an empty copy)."""
         self.ready.clear()
         self._parts_seen.clear()
+        self.arrivals.clear()
+        self.ready_times.clear()
         self._changed.set()
 
     # -- receiving ---------------------------------------------------------------------------
@@ -122,6 +127,8 @@ class DataPlanePeer:
             return
         seen = self._parts_seen.setdefault(block_index, set())
         seen.add(part)
+        self.arrivals.setdefault(tag, time.monotonic())
+        self._changed.set()
         if len(seen) < self.parts or block_index in self.ready:
             return
         try:
@@ -135,6 +142,7 @@ class DataPlanePeer:
                       error=exc.message)
             return
         self.ready.add(block_index)
+        self.ready_times[block_index] = time.monotonic()
         self._changed.set()
         if self.on_block is not None:
             result = self.on_block(block_index)
@@ -153,6 +161,20 @@ class DataPlanePeer:
                 return block
         raise InvalidParameter(f"no block {index}")
 
+    def holds_chunk(self, chunk: int) -> bool:
+        block_index, part = divmod(chunk, self.parts)
+        return block_index in self.ready or part in self._parts_seen.get(block_index, ())
+
+    async def wait_chunk(self, chunk: int, timeout_s: float) -> None:
+        """Until chunk ``chunk`` is in this peer's buffer (bytes landed; not yet verified)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.holds_chunk(chunk):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError as exc:
+            raise LayersNotReady(f"chunk {chunk} did not arrive within {timeout_s} s") from exc
+
     async def wait_blocks(self, blocks: Iterable[int], timeout_s: float) -> None:
         wanted = set(blocks)
         try:
@@ -168,7 +190,7 @@ class DataPlanePeer:
     async def send_chunk(self, target: RegionDescriptor | dict[str, Any], chunk: int) -> None:
         """Write chunk ``chunk`` of this peer's buffer into the same place of ``target``."""
         block_index, part = divmod(chunk, self.parts)
-        if block_index not in self.ready and part not in self._parts_seen.get(block_index, ()):
+        if not self.holds_chunk(chunk):
             raise LayersNotReady(f"{self.node_id} does not hold chunk {chunk}")
         offset, length = part_range(self._block(block_index), part, self.parts)
         await self.send_ranges(target, [(offset, length, chunk)])

@@ -126,3 +126,17 @@ async def test_first_pipeline_seconds_k2_before_completion() -> None:
     first = first_pipeline_seconds(result, 8, 2, recv)
     assert first is not None
     assert first < max(result.completion_s.values())
+
+
+async def test_in_order_keeps_each_senders_plan_order() -> None:
+    plan = plan_multicast("lambdapipe", ["s"], [f"r{i}" for i in range(6)], 6, 2)
+    net = _net_for(plan)
+    started: dict[str, list[Edge]] = {}
+
+    async def send(e: Edge) -> None:
+        started.setdefault(e.src, []).append(e)
+        await net.send(e)
+
+    result = await TransferDriver(plan, send).run(10)
+    assert result.complete
+    assert started == plan.outgoing()
