@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(json.dumps({"error": f"unknown strategies {sorted(unknown)}"}))
         return 2
-    report = asyncio.run(_bench(args, strategies))
+    import uvloop
+
+    report = uvloop.run(_bench(args, strategies))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

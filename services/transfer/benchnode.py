@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(service="benchnode", instance_id=args.id, level="warning", fmt="console",
                   stream=sys.stderr)
-    asyncio.run(BenchNode(args.id, args.host).main(args.port))
+    import uvloop
+
+    uvloop.run(BenchNode(args.id, args.host).main(args.port))
     return 0
 
 

@@ -201,3 +201,28 @@ async def test_throughput_256mib(kind: str) -> None:
     assert bytes(buf[-piece:]) == bytes(src[-piece:])
     assert mb_s > 100  # loopback/memcpy on any machine we run on is well above this
     await server.close()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_works_under_uvloop(kind: str) -> None:
+    """Services run on uvloop, whose transports differ from asyncio's in small ways."""
+    import uvloop
+
+    async def scenario() -> tuple[bytes, list[tuple[str, int, int, int]]]:
+        server = make_region_server(kind)
+        await server.start()
+        buf = allocate_buffer(server, 1 << 20)
+        landing = Landing()
+        desc = server.expose("m", buf, landing)
+        writer = await open_writer(desc)
+        await writer.write(10, memoryview(b"u" * 200_000), 3)
+        with pytest.raises(RegionAccessDenied):
+            await writer.write(1 << 20, memoryview(b"x"), 4)
+        await writer.close()
+        out = bytes(buf[:200_010])
+        await server.close()
+        return out, landing.calls
+
+    data, calls = uvloop.run(scenario())
+    assert data == b"\0" * 10 + b"u" * 200_000
+    assert calls == [("m", 10, 200_000, 3)]
