@@ -1,0 +1,255 @@
+"""The local engine driver: whole requests on a whole-model :class:`~shared.engine.Engine`.
+
+The engine is synchronous; this driver steps it on the executor's compute thread, one step
+per ``run`` call, from one asyncio task (so the event loop stays free while a step runs).
+Requests and cancels are validated and recorded on the event loop and handed to the compute
+thread through queues that the thread drains before each step, so ``submit`` answers at
+once (the ack) even while a long step runs, and no engine state is touched from two threads.
+
+Tokens stream as :class:`~shared.messages.TokenChunk` (``via="local"``). A sender task
+publishes whatever the steps have produced since it last ran: at low load that is every token
+at once (first token first: nothing waits for a batch), under load several tokens of a
+request travel in one message.
+
+Finish reasons: ``stop``/``length`` from the engine; ``cancelled`` on a CancelRequest (the
+request's KV is freed on the compute thread before the next step); ``error`` when a step
+fails (every request of the engine then ends with an EngineError, since the engine would
+retry the same failing step) or when the driver closes (the error the caller gives, e.g.
+the model was released).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from services.executor.compute import ComputeThread
+from services.executor.requests import check_fits, check_prompt
+from shared.engine import Engine, EngineStats, SamplingParams, StepOutput
+from shared.errors import EngineError, InvalidParameter, LScaleError
+from shared.messages import TokenChunk
+
+log = structlog.get_logger("executor.inference")
+
+SendChunk = Callable[[str, TokenChunk], Awaitable[None]]
+RATE_WINDOW_S = 5.0
+
+
+@dataclass
+class _Local:
+    request_id: str
+    reply_to: str
+    outbox: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: LScaleError | None = None
+
+
+@dataclass
+class _StepResult:
+    outputs: list[StepOutput]
+    refused: list[tuple[str, LScaleError]]
+    failed: list[str]
+    error: BaseException | None
+    stats: EngineStats
+    seconds: float
+
+
+class EngineDriver:
+    def __init__(self, engine: Engine, compute: ComputeThread, send: SendChunk,
+                 executor_id: str) -> None:
+        self.engine = engine
+        self.compute = compute
+        self.send = send
+        self.executor_id = executor_id
+        self.stats: EngineStats = engine.stats()
+        self._requests: dict[str, _Local] = {}
+        self._adds: collections.deque[tuple[str, list[int], SamplingParams]] = collections.deque()
+        self._cancels: collections.deque[str] = collections.deque()
+        self._wake = asyncio.Event()
+        self._flush = asyncio.Event()
+        self._dirty: dict[str, _Local] = {}
+        self._closed = False
+        self._steps: collections.deque[tuple[float, int, float]] = collections.deque()
+        self._step_task = asyncio.create_task(self._step_loop(), name="engine-steps")
+        self._send_task = asyncio.create_task(self._send_loop(), name="engine-tokens")
+
+    # -- figures ----------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return self.stats.running
+
+    @property
+    def queued(self) -> int:
+        return self.stats.waiting + len(self._adds)
+
+    @property
+    def active(self) -> int:
+        return len(self._requests)
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        """(generated tokens per second, share of time spent stepping) over a recent window."""
+        now = time.monotonic() if now is None else now
+        while self._steps and now - self._steps[0][0] > RATE_WINDOW_S:
+            self._steps.popleft()
+        tokens = sum(n for _, n, _ in self._steps)
+        busy = sum(s for _, _, s in self._steps)
+        return tokens / RATE_WINDOW_S, min(1.0, busy / RATE_WINDOW_S)
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams,
+               reply_to: str) -> None:
+        """Queue a request or raise (InvalidParameter, ContextTooLong, KVCacheFull)."""
+        if self._closed:
+            raise EngineError("the local engine is closing")
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidParameter("request_id must be a non-empty string")
+        if request_id in self._requests:
+            raise InvalidParameter(f"request {request_id!r} is already running here",
+                                   request_id=request_id)
+        config = self.engine.config
+        prompt = check_prompt(prompt, config.vocab_size)
+        check_fits(len(prompt), self.engine.max_model_len, self.engine.scheduler.row_len)
+        params.validate(config.vocab_size)
+        if params.stop and self.engine.scheduler.decode is None:
+            raise InvalidParameter("stop strings need a tokenizer; executors take token ids "
+                                   "(the router applies stop strings)", field="stop")
+        self._requests[request_id] = _Local(request_id, reply_to)
+        self._adds.append((request_id, prompt, params))
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> bool:
+        """End a request with ``cancelled`` and free its KV (before the next step)."""
+        local = self._requests.pop(request_id, None)
+        if local is None:
+            return False
+        self._cancels.append(request_id)
+        self._wake.set()
+        local.finish_reason = "cancelled"
+        self._mark(local)
+        return True
+
+    # -- stepping (event loop side) -----------------------------------------------------------
+    async def _step_loop(self) -> None:
+        while not self._closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while not self._closed:
+                result = await self.compute.run(self._step)
+                self._apply(result)
+                if not (self._adds or self._cancels or result.stats.running
+                        or result.stats.waiting):
+                    break
+
+    def _apply(self, result: _StepResult) -> None:
+        self.stats = result.stats
+        generated = sum(1 for out in result.outputs if out.request_id in self._requests)
+        self._steps.append((time.monotonic(), generated, result.seconds))
+        for request_id, error in result.refused:
+            self._end(request_id, "error", error)
+        for out in result.outputs:
+            local = self._requests.get(out.request_id)
+            if local is None:  # cancelled while the step ran
+                continue
+            local.outbox.append(out.token_id)
+            if out.finished:
+                local.finish_reason = out.finish_reason or "stop"
+                del self._requests[out.request_id]
+            self._mark(local)
+        if result.error is not None:
+            log.error("engine step failed; ending its requests", error=repr(result.error))
+            error = result.error if isinstance(result.error, LScaleError) else EngineError(
+                f"engine step failed: {type(result.error).__name__}: {result.error}")
+            for request_id in result.failed:
+                self._end(request_id, "error", error)
+
+    def _end(self, request_id: str, reason: str, error: LScaleError | None) -> None:
+        local = self._requests.pop(request_id, None)
+        if local is None:
+            return
+        local.finish_reason = reason
+        local.error = error
+        self._mark(local)
+
+    # -- stepping (compute thread side) ---------------------------------------------------------
+    def _step(self) -> _StepResult:
+        started = time.perf_counter()
+        engine = self.engine
+        refused: list[tuple[str, LScaleError]] = []
+        while self._adds:
+            request_id, prompt, params = self._adds.popleft()
+            try:
+                engine.add_request(request_id, prompt, params)
+            except LScaleError as exc:
+                refused.append((request_id, exc))
+        while self._cancels:
+            engine.cancel(self._cancels.popleft())
+        outputs: list[StepOutput] = []
+        error: BaseException | None = None
+        failed: list[str] = []
+        if engine.has_work():
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # the step left requests in place; end them all
+                error = exc
+                failed = list(engine.scheduler.running) + [
+                    r.request_id for r in engine.scheduler.waiting]
+                for request_id in failed:
+                    engine.cancel(request_id)
+        return _StepResult(outputs, refused, failed, error, engine.stats(),
+                           time.perf_counter() - started)
+
+    # -- sending ------------------------------------------------------------------------------
+    def _mark(self, local: _Local) -> None:
+        self._dirty[local.request_id] = local
+        self._flush.set()
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._flush.wait()
+            self._flush.clear()
+            dirty, self._dirty = self._dirty, {}
+            for local in dirty.values():
+                tokens, local.outbox = local.outbox, []
+                chunk = TokenChunk(
+                    request_id=local.request_id, executor_id=self.executor_id,
+                    token_ids=tokens, finish_reason=local.finish_reason,
+                    error=local.error.to_wire() if local.error is not None else None,
+                    via="local")
+                try:
+                    await self.send(local.reply_to, chunk)
+                except Exception as exc:  # the client went away; the request goes on or ends
+                    log.warning("could not send tokens", request_id=local.request_id,
+                                error=repr(exc))
+            if self._closed and not self._dirty:
+                return
+
+    # -- closing ------------------------------------------------------------------------------
+    async def close(self, error: LScaleError) -> None:
+        """Stop stepping; end every request still here with ``error``; flush the chunks."""
+        self._closed = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._step_task), 60.0)
+        except (TimeoutError, asyncio.CancelledError):
+            self._step_task.cancel()
+        except Exception as exc:
+            log.error("engine loop failed", error=repr(exc))
+        for request_id in list(self._requests):
+            self._end(request_id, "error", error)
+        self._flush.set()
+        try:
+            await asyncio.wait_for(self._send_task, 10.0)
+        except (TimeoutError, asyncio.CancelledError):
+            self._send_task.cancel()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is here (drain); True when that happened in time."""
+        deadline = time.monotonic() + timeout_s
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._requests
