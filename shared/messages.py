@@ -211,6 +211,9 @@ class AssignModel(Message):
     manifest: dict[str, Any]  # shared.model.layout manifest, as its to_dict()
     load_from: str = "none"
     transport: str = "tcp"
+    # chunks per block the multicast into this region uses (StartTransfer.parts); 0: the
+    # executor's configured default
+    parts: int = 0
 
 
 @message("exec.assign.reply")
@@ -246,6 +249,8 @@ class ExecutorStatus(Message):
     queued: int = 0
     kv_used: int = 0
     kv_total: int = 0
+    region: dict[str, Any] = field(default_factory=dict)  # the weight buffer's descriptor
+    load_error: str = ""  # why the last load (e.g. from the store) failed; "" when none
 
 
 @message("exec.ready")
@@ -301,7 +306,74 @@ class TokenChunk(Message):
 @message("exec.cancel")
 @dataclass(frozen=True)
 class CancelRequest(Message):
+    """On ``exec_cancel(eid)``: drop the request and free its KV. Sent by the router to every
+    executor of a route, and by a pipeline's stage 0 to its other stages when the request
+    ends. A local request that is cancelled ends with a ``cancelled`` TokenChunk."""
+
     request_id: str
+
+
+@message("exec.stage.chunk")
+@dataclass(frozen=True)
+class StageChunk(Message):
+    """One request's tokens in a :class:`StageActivations` batch: positions
+    ``start .. start+length-1``, packed in batch order. ``flow`` names this run of the request
+    through the pipeline (stage 0 picks it, unique per admission; every stage keys its KV and
+    state by it, so a re-dispatched request id never meets a stale run's state). A request's
+    first chunk (``start == 0``) carries what the later stages keep for it: ``reply_to``
+    (where the last stage streams TokenChunks), ``sampling`` (as in InferRequest) and
+    ``prompt_len``."""
+
+    request_id: str
+    flow: str
+    start: int
+    length: int
+    reply_to: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)
+    prompt_len: int = 0
+
+
+@message("exec.stage.activations")
+@dataclass(frozen=True)
+class StageActivations(Message):
+    """Stage i -> stage i+1 (``exec_stage(next)``): the hidden states of one forward batch.
+
+    ``hidden`` is the raw row-major bytes of a ``shape`` = ``[tokens, hidden_size]`` tensor of
+    ``dtype`` (``float32``/``float16``/``bfloat16``), tokens packed in ``chunks`` order. The
+    receiving stage is ``stages[stage]`` (same stage list as the InferRequest) and runs its
+    layer range; ``origin`` (stage 0) is where sampled tokens go back (:class:`StageTokens`).
+    A batch larger than the NATS max_payload is split: ``parts`` messages with the same
+    ``batch_id``, each with every field but only its slice ``part`` of the bytes of
+    ``hidden``; the receiver concatenates them in ``part`` order.
+    """
+
+    model: str
+    origin: str
+    batch_id: str
+    stage: int
+    stages: list[dict[str, Any]]
+    chunks: list[StageChunk]
+    hidden: bytes
+    dtype: str
+    shape: list[int]
+    part: int = 0
+    parts: int = 1
+
+
+@message("exec.stage.tokens")
+@dataclass(frozen=True)
+class StageTokens(Message):
+    """Last stage (or a failing stage) -> stage 0 (``exec_stage(origin)``): per flow of a
+    batch, the sampled token (already streamed to ``reply_to``), ``finished`` (flow ->
+    ``stop``/``length``: the last stage sent the final TokenChunk and freed its KV) or
+    ``errors`` (flow -> wire error: stage 0 ends the request with that error)."""
+
+    model: str
+    sender: str
+    batch_id: str
+    tokens: dict[str, int] = field(default_factory=dict)
+    finished: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 # =============================================================================================
 # transfer
