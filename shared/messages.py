@@ -191,6 +191,67 @@ class Ack(Message):
 # =============================================================================================
 # model store
 # =============================================================================================
+# Subjects (services.model_store.service answers them; a plain map with the same fields is
+# accepted wherever a message is): STORE_LIST {} -> list of ModelSummary; STORE_GET ModelRef ->
+# the manifest map (ModelManifest.to_dict() + "created" + "in_memory"); STORE_ADD AddModel ->
+# ModelSummary, progress as "model.ingest" events; STORE_REMOVE ModelRef -> Ack;
+# STORE_HF_FILES HfFilesRequest -> HfFiles; STORE_SOURCE SendChunks (transfer section) -> Ack.
+
+
+@message("store.model")
+@dataclass(frozen=True)
+class ModelRef(Message):
+    """Names one model of the store (``STORE_GET``, ``STORE_REMOVE``)."""
+
+    name: str
+
+
+@message("store.add")
+@dataclass(frozen=True)
+class AddModel(Message):
+    """Ingest the HF checkpoint directory ``path`` (absolute, as the store's host sees it) as
+    model ``name`` in ``blocks`` blocks (None: the store's default). ``request_id`` is echoed
+    in the ``model.ingest`` progress events so a caller can pick out its own."""
+
+    name: str
+    path: str
+    blocks: int | None = None
+    replace: bool = False
+    request_id: str = ""
+
+
+@message("store.summary")
+@dataclass(frozen=True)
+class ModelSummary(Message):
+    """One model in the ``STORE_LIST`` reply (and the ``STORE_ADD`` reply)."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    num_blocks: int
+    total_bytes: int
+    dtype: str
+    hidden_size: int = 0
+    vocab_size: int = 0
+    created: float = 0.0  # unix time the model was written into the store
+    in_memory: bool = False  # every block is in the store's host-memory tier
+
+
+@message("store.hf_files")
+@dataclass(frozen=True)
+class HfFilesRequest(Message):
+    """``STORE_HF_FILES``: the config/tokenizer files kept with model ``name`` (``files``
+    names some of them; empty: all)."""
+
+    name: str
+    files: list[str] = field(default_factory=list)
+
+
+@message("store.hf_files.reply")
+@dataclass(frozen=True)
+class HfFiles(Message):
+    name: str
+    files: dict[str, bytes] = field(default_factory=dict)  # file name -> content
 
 # =============================================================================================
 # executor

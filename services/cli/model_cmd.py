@@ -1,17 +1,29 @@
-"""``lscale model``: create tiny checkpoints and manage the local model store.
+"""``lscale model``: create tiny checkpoints and manage the model store.
 
     lscale model create-tiny DIR [--arch llama] [--layers 2] [--hidden 64] ... [--size-mb N]
-    lscale model add NAME DIR [--blocks B] [--replace] [--no-progress] [--store DIR]
-    lscale model ls [--json] [--store DIR]
-    lscale model rm NAME [--store DIR]
+    lscale model add NAME DIR [--blocks B] [--replace] [--no-progress] [--timeout S] [WHERE]
+    lscale model ls [--json] [WHERE]
+    lscale model rm NAME [WHERE]
     lscale model verify NAME [--store DIR]
+
+WHERE: when a cluster is found (``--nats-url``, ``LSCALE_NATS_URL``, or the record `lscale up`
+keeps in the state directory), add/ls/rm go through its model_store service over NATS, so the
+registry it publishes stays in step (``add`` sends the checkpoint directory's absolute path:
+the store reads it on its own host, and progress comes back as ``model.ingest`` events).
+``--local`` or ``--store DIR``, or no cluster, work on a store directory directly.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
+
+from services.cli.cluster import default_state_dir
+
+ADD_TIMEOUT_S = 3600.0  # an ingest of a large checkpoint takes minutes; progress shows life
+REQUEST_TIMEOUT_S = 10.0
 
 _SHAPE_OPTIONS = ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab")
 
@@ -45,17 +57,19 @@ def register(subparsers: Any) -> None:
     add.add_argument("--blocks", type=int, help="number of blocks (default min(layers, 8))")
     add.add_argument("--replace", action="store_true", help="replace a model of that name")
     add.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _store_option(add)
+    add.add_argument("--timeout", type=float, default=ADD_TIMEOUT_S,
+                     help=f"seconds to wait for a cluster's store (default {ADD_TIMEOUT_S:g})")
+    _store_option(add, cluster=True)
     add.set_defaults(func=_add)
 
     ls = sub.add_parser("ls", help="list models in the store")
     ls.add_argument("--json", action="store_true", help="print JSON")
-    _store_option(ls)
+    _store_option(ls, cluster=True)
     ls.set_defaults(func=_ls)
 
     rm = sub.add_parser("rm", help="remove a model from the store")
     rm.add_argument("name", metavar="NAME")
-    _store_option(rm)
+    _store_option(rm, cluster=True)
     rm.set_defaults(func=_rm)
 
     verify = sub.add_parser("verify", help="check every block of a model against its checksum")
@@ -64,10 +78,34 @@ def register(subparsers: Any) -> None:
     verify.set_defaults(func=_verify)
 
 
-def _store_option(parser: argparse.ArgumentParser) -> None:
+def _store_option(parser: argparse.ArgumentParser, *, cluster: bool = False) -> None:
     parser.add_argument("--store", metavar="DIR",
                         help="store directory (default $LSCALE_STATE_DIR/models, "
-                             "LSCALE_STATE_DIR defaulting to .lscale)")
+                             "LSCALE_STATE_DIR defaulting to .lscale)"
+                             + ("; implies --local" if cluster else ""))
+    if not cluster:
+        return
+    parser.add_argument("--local", action="store_true",
+                        help="use the store directory even when a cluster is running")
+    parser.add_argument("--nats-url", default=None,
+                        help="the cluster's NATS URL (default: LSCALE_NATS_URL, or the one "
+                             "`lscale up` recorded in the state dir)")
+    parser.add_argument("--state-dir", default=default_state_dir(),
+                        help="where `lscale up` keeps its record (default .lscale, env "
+                             "LSCALE_STATE_DIR)")
+
+
+def _cluster_url(args: argparse.Namespace) -> str | None:
+    """The NATS URL of the cluster whose store to use; None: the local store directory."""
+    from services.cli.cluster import resolve_nats_url
+    from shared.errors import ConfigError
+
+    if args.local or args.store:
+        return None
+    try:
+        return resolve_nats_url(args.nats_url, args.state_dir)
+    except ConfigError:
+        return None  # no cluster: the store directory, as without one
 
 
 def _create_tiny(args: argparse.Namespace) -> int:
@@ -112,6 +150,10 @@ def _store(args: argparse.Namespace) -> Any:
 
 
 def _add(args: argparse.Namespace) -> int:
+    if (url := _cluster_url(args)) is not None:
+        from shared.runtime import run_async
+
+        return int(run_async(_remote_add(url, args)))
     store = _store(args)
     manifest = store.add(args.name, args.directory, num_blocks=args.blocks, replace=args.replace,
                          progress=False if args.no_progress else None)
@@ -128,7 +170,12 @@ def _summary(manifest: Any) -> dict[str, Any]:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    rows = [_summary(m) for m in _store(args).manifests()]
+    if (url := _cluster_url(args)) is not None:
+        from shared.runtime import run_async
+
+        rows = [_row(r) for r in run_async(_remote(url, "STORE_LIST", {}))]
+    else:
+        rows = [_summary(m) for m in _store(args).manifests()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -144,7 +191,12 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    _store(args).remove(args.name)
+    if (url := _cluster_url(args)) is not None:
+        from shared.runtime import run_async
+
+        run_async(_remote(url, "STORE_REMOVE", {"name": args.name}))
+    else:
+        _store(args).remove(args.name)
     print(f"removed {args.name}")
     return 0
 
@@ -153,4 +205,112 @@ def _verify(args: argparse.Namespace) -> int:
     store = _store(args)
     store.verify(args.name)
     print(f"{args.name}: all {store.manifest(args.name).num_blocks} blocks match their checksums")
+    return 0
+
+
+# --- through a cluster's model_store service ------------------------------------------------
+def _row(raw: Any) -> dict[str, Any]:
+    """A STORE_LIST item as the same row ``ls`` prints for a local store (plus tier/time)."""
+    from shared.messages import ModelSummary
+
+    m = ModelSummary.from_wire(raw)
+    return {"name": m.name, "architecture": m.architecture, "layers": m.num_layers,
+            "hidden_size": m.hidden_size, "vocab_size": m.vocab_size, "dtype": m.dtype,
+            "blocks": m.num_blocks, "bytes": m.total_bytes, "in_memory": m.in_memory,
+            "created": m.created}
+
+
+async def _connect(url: str) -> Any:
+    from shared.bus import Bus
+    from shared.errors import NotConnected
+
+    try:
+        return await Bus.connect(url, "lscale-cli", max_reconnect_attempts=0)
+    except NotConnected as exc:
+        raise NotConnected(f"{exc.message} (a stale cluster record? --local uses the store "
+                           "directory)") from exc
+
+
+async def _request(bus: Any, subject_name: str, body: Any, timeout: float) -> Any:
+    from shared import subjects
+    from shared.errors import NoResponders
+
+    subject = getattr(subjects, subject_name)
+    try:
+        return await bus.request(subject, body, timeout=timeout)
+    except NoResponders as exc:
+        raise NoResponders(f"no model_store service answers {subject} (is the cluster "
+                           "running? --local uses the store directory)", subject=subject
+                           ) from exc
+
+
+async def _remote(url: str, subject_name: str, body: Any) -> Any:
+    bus = await _connect(url)
+    try:
+        return await _request(bus, subject_name, body, REQUEST_TIMEOUT_S)
+    finally:
+        await bus.close()
+
+
+class _IngestProgress:
+    """Shows ``model.ingest`` events: a bar on a terminal, otherwise one line per block."""
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.blocks_done = -1
+        self._bar: Any = None
+
+    def update(self, data: dict[str, Any]) -> None:
+        blocks_done = int(data.get("blocks_done") or 0)
+        if not self.enabled or data.get("state") not in ("started", "running") \
+                or blocks_done <= self.blocks_done:  # events may arrive out of order
+            return
+        self.blocks_done = blocks_done
+        done, total = int(data.get("bytes_done") or 0), int(data.get("bytes_total") or 0)
+        if self.tty:
+            from tqdm import tqdm
+
+            if self._bar is None:
+                self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                 desc=f"ingest {self.name}", file=sys.stderr, leave=False)
+            self._bar.update(done - self._bar.n)
+        else:
+            print(f"ingest {self.name}: {blocks_done}/{data.get('blocks_total')} blocks, "
+                  f"{done / 1e6:.1f}/{total / 1e6:.1f} MB", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+async def _remote_add(url: str, args: argparse.Namespace) -> int:
+    import secrets
+    from pathlib import Path
+
+    from services.model_store.service import INGEST_EVENT
+    from shared import subjects
+    from shared.messages import AddModel, Event, ModelSummary
+
+    request = AddModel(name=args.name, path=str(Path(args.directory).resolve()),
+                       blocks=args.blocks, replace=args.replace,
+                       request_id=secrets.token_hex(8))
+    progress = _IngestProgress(args.name, enabled=not args.no_progress)
+
+    async def on_event(event: Event, msg: Any) -> None:
+        if event.data.get("request_id") == request.request_id:
+            progress.update(event.data)
+
+    bus = await _connect(url)
+    try:
+        await bus.subscribe(subjects.event(INGEST_EVENT), on_event, message_type=Event)
+        await bus.nc.flush()  # subscribed before the first event can be sent
+        reply = await _request(bus, "STORE_ADD", request, args.timeout)
+    finally:
+        progress.close()
+        await bus.close()
+    added = ModelSummary.from_wire(reply)
+    print(f"added {added.name}: {added.num_blocks} blocks, {added.total_bytes / 1e6:.1f} MB, "
+          f"in the cluster's store ({url})")
     return 0

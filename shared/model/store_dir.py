@@ -34,8 +34,11 @@ from shared.model.layout import BlockEntry, ModelManifest, block_filename
 
 STATE_DIR_ENV = "LSCALE_STATE_DIR"
 DEFAULT_STATE_DIR = ".lscale"
-# also a valid NATS subject token and KV key, so names can travel unchanged
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A name is a directory name and the key of the model's entry in the JetStream KV bucket
+# (services.model_store). A KV key becomes part of a subject ($KV.<bucket>.<key>), where '.'
+# separates tokens: so no empty token ('..', or a trailing '.'), or the put never reaches the
+# stream. Names are never used as a subject token themselves (a '.' would split it).
+MODEL_NAME_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}(?<!\.)\Z")
 
 
 def default_store_dir() -> Path:
@@ -43,9 +46,10 @@ def default_store_dir() -> Path:
 
 
 def check_model_name(name: str) -> str:
-    if not MODEL_NAME_RE.match(name) or name.endswith("."):
+    if not isinstance(name, str) or not MODEL_NAME_RE.match(name):
         raise InvalidParameter(f"model name {name!r}: use 1-128 letters, digits, '.', '_' or "
-                               "'-', starting with a letter or digit")
+                               "'-', starting with a letter or digit, with no '..' and not "
+                               "ending with '.'")
     return name
 
 
