@@ -131,6 +131,8 @@ class TransferDriver:
                     e = running.pop(task)
                     sending[e.src] -= 1
                     receiving[e.dst] -= 1
+                    if task.cancelled():
+                        continue  # we cancelled it: an edge to or from a node just dropped
                     exc = task.exception()
                     if exc is None:
                         edges_done += 1

@@ -140,3 +140,28 @@ async def test_in_order_keeps_each_senders_plan_order() -> None:
     result = await TransferDriver(plan, send).run(10)
     assert result.complete
     assert started == plan.outgoing()
+
+
+async def test_hanging_sends_to_a_dropped_node_are_cancelled() -> None:
+    # chain s -> a -> b: at tick 1, a forwards chunk 0 to b while s sends chunk 1 to a
+    plan = plan_multicast("chain", ["s"], ["a", "b"], 2, 1)
+    assert Edge("a", "b", 0) in plan.ticks[1] and Edge("s", "a", 1) in plan.ticks[1]
+    net = _net_for(plan)
+    cancelled: list[Edge] = []
+
+    async def send(e: Edge) -> None:
+        if e == Edge("s", "a", 1):
+            await asyncio.sleep(TICK * 3)
+            raise TransportError("a is gone", node="a")
+        if e == Edge("a", "b", 0):
+            try:
+                await asyncio.sleep(60)  # would hang until its own timeout
+            except asyncio.CancelledError:
+                cancelled.append(e)
+                raise
+        await net.send(e)
+
+    result = await run_plan(plan, send, timeout_s=5)
+    assert cancelled == [Edge("a", "b", 0)]
+    assert list(result.failed) == ["a"] and result.complete and result.replans == 1
+    assert net.holds["b"] == {0, 1}
