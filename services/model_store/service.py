@@ -213,9 +213,11 @@ class ModelStoreService(Service[StoreConfig]):
             await asyncio.sleep(self.config.registry_sync_s)
             try:
                 await self.writers.sweep()
-                if self._kv is None:
+                kv_was_missing = self._kv is None
+                if kv_was_missing:
                     await self._open_kv()
-                await self.sync_registry(full=self._kv is not None and not self.registry)
+                # a bucket that has just become reachable gets every entry, not only changes
+                await self.sync_registry(full=kv_was_missing and self._kv is not None)
             except Exception as exc:  # keep the loop alive; the next round retries
                 self.log.warning("registry sync failed", error=repr(exc))
 

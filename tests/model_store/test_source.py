@@ -11,13 +11,25 @@ from safetensors.torch import load_file
 
 from services.model_store.sender import plan_chunk_writes
 from services.model_store.service import CORRUPT_EVENT, ModelStoreService
+from services.transfer.service import TransferService
 from shared import subjects
 from shared.bus import Bus
+from shared.config import ServiceConfig
 from shared.errors import BadRequest, ChecksumMismatch, InvalidParameter, ModelNotFound
-from shared.messages import Ack, AddModel, Event, SendChunks
+from shared.messages import (
+    Ack,
+    AddModel,
+    Event,
+    MetricsSnapshot,
+    SendChunks,
+    StartTransfer,
+    TransferProgress,
+    TransferStarted,
+)
 from shared.model.layout import ModelManifest
 from shared.model.tiny import TinyCheckpoint
-from shared.transport.peer import DataPlanePeer
+from shared.natsserver import NatsServer
+from shared.transport.peer import DataPlanePeer, serve_send_chunks
 
 PARTS = 3
 
@@ -33,6 +45,20 @@ async def _receiver(manifest: ModelManifest, node: str) -> DataPlanePeer:
     peer = DataPlanePeer(node, manifest.blocks, parts=PARTS, transport="tcp")
     await peer.start()
     return peer
+
+
+async def _next_snapshot(bus: Bus, service: ModelStoreService) -> MetricsSnapshot:
+    got: asyncio.Queue[MetricsSnapshot] = asyncio.Queue()
+
+    async def on_snapshot(snapshot: MetricsSnapshot, msg: Any) -> None:
+        got.put_nowait(snapshot)
+
+    handle = await bus.subscribe(subjects.metrics("model_store", service.id), on_snapshot,
+                                 message_type=MetricsSnapshot)
+    try:
+        return await asyncio.wait_for(got.get(), 5)
+    finally:
+        await bus.unsubscribe(handle)
 
 
 def _chunks(blocks: list[int]) -> list[int]:
@@ -71,6 +97,11 @@ async def test_source_writes_every_block_bit_for_bit(service: ModelStoreService,
         assert metrics["disk_bytes_read"] == manifest.total_bytes
         assert metrics["sources_in_flight"] == 0
         assert (await bus.request(subjects.STORE_GET, {"name": "m"}))["in_memory"] is True
+        snapshot = await _next_snapshot(bus, service)
+        assert snapshot.values["bytes_served"] == manifest.total_bytes
+        assert snapshot.values["host_cache_bytes"] == manifest.total_bytes
+        assert snapshot.values["host_cache_capacity"] == 64 * 1024 * 1024
+        assert snapshot.values["models"] == 1
 
         # a second copy comes from the host-memory tier, not the disk
         peer.reset()
@@ -203,3 +234,50 @@ def test_plan_chunk_writes_matches_the_peer_arithmetic(tiny: TinyCheckpoint) -> 
         plan_chunk_writes(manifest, [0], 0)
     with pytest.raises(InvalidParameter):
         plan_chunk_writes(manifest, [-1], 1)
+
+
+async def test_the_transfer_service_multicasts_from_the_store(
+        service: ModelStoreService, bus: Bus, nats_server: NatsServer,
+        tiny: TinyCheckpoint) -> None:
+    """λPipe with the store as the source: the store serves STORE_SOURCE, the receivers relay
+    (exec_send) from their own regions; every receiver ends with the whole checkpoint."""
+    manifest = await _add(bus, tiny)
+    transfer = TransferService(ServiceConfig(nats_url=nats_server.url, instance_id="tx",
+                                             metrics_interval_s=0.5))
+    await transfer.start()
+    receivers = {f"e{i}": await _receiver(manifest, f"e{i}") for i in range(3)}
+    try:
+        for node, peer in receivers.items():
+            async def relay(req: SendChunks, msg: Any, peer: DataPlanePeer = peer) -> Any:
+                return await serve_send_chunks(peer, req)
+
+            await bus.serve(subjects.exec_send(node), relay, message_type=SendChunks)
+        finals: list[TransferProgress] = []
+        done = asyncio.Event()
+
+        async def on_progress(body: TransferProgress, msg: Any) -> None:
+            if body.state != "running":
+                finals.append(body)
+                done.set()
+
+        await bus.subscribe(subjects.transfer_progress("t-store"), on_progress,
+                            message_type=TransferProgress)
+        regions = {n: p.descriptor.to_dict() for n, p in receivers.items()
+                   if p.descriptor is not None}
+        await bus.request(subjects.TRANSFER_START, StartTransfer(
+            model="m", sources=["store"], receivers=list(receivers), regions=regions,
+            num_blocks=manifest.num_blocks, parts=PARTS, transfer_id="t-store"),
+            reply_type=TransferStarted)
+        await asyncio.wait_for(done.wait(), 20)
+        assert finals[0].state == "done", finals[0]
+        for peer in receivers.values():
+            assert peer.ready == {0, 1, 2, 3}
+            _assert_holds_the_checkpoint(peer, manifest, tiny)
+        # the store sends each chunk at least once; the receivers relay, so it sends less
+        # than every receiver pulling everything from it would need
+        served = service.metrics()["bytes_served"]
+        assert manifest.total_bytes <= served < len(receivers) * manifest.total_bytes
+    finally:
+        await transfer.stop()
+        for peer in receivers.values():
+            await peer.close()
