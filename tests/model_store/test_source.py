@@ -281,3 +281,28 @@ async def test_the_transfer_service_multicasts_from_the_store(
         await transfer.stop()
         for peer in receivers.values():
             await peer.close()
+
+
+async def test_a_pooled_connection_closed_by_the_receiver_is_reopened(
+        service: ModelStoreService, bus: Bus, tiny: TinyCheckpoint) -> None:
+    manifest = await _add(bus, tiny, blocks=2)
+    peer = await _receiver(manifest, "exec-p")
+    try:
+        assert peer.descriptor is not None
+        request = SendChunks(model="m", target=peer.descriptor.to_dict(), chunks=_chunks([0]),
+                             parts=PARTS)
+        await bus.request(subjects.STORE_SOURCE, request, reply_type=Ack, timeout=30)
+        assert len(service.writers) == 1
+        # the receiver drops the idle connection (as a restarted proxy or an idle timeout would)
+        connections = list(peer.server._connections)  # type: ignore[attr-defined]
+        assert len(connections) == 1
+        connections[0].transport.close()
+        await asyncio.sleep(0.05)
+        peer.reset()
+        await bus.request(subjects.STORE_SOURCE, request, reply_type=Ack, timeout=30)
+        assert peer.ready == {0} and len(service.writers) == 1
+        # and an idle writer is closed by the sweep
+        service.writers.idle_s = 0.0
+        assert await service.writers.sweep() == 1 and len(service.writers) == 0
+    finally:
+        await peer.close()
