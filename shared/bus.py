@@ -48,8 +48,7 @@ DEFAULT_CONCURRENCY = 256
 
 
 def encode(obj: Any) -> bytes:
-    if isinstance(obj, Message):
-        obj = obj.to_wire()
+    obj = to_plain(obj)
     try:
         return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
@@ -63,8 +62,19 @@ def decode(data: bytes) -> Any:
         raise DecodeError(f"not valid msgpack ({type(exc).__name__}: {exc})") from exc
 
 
+def to_plain(obj: Any) -> Any:
+    """Messages (also inside lists and maps) as their wire maps; everything else unchanged."""
+    if isinstance(obj, Message):
+        return obj.to_wire()
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
 def ok_envelope(payload: Any) -> bytes:
-    return encode({"ok": payload.to_wire() if isinstance(payload, Message) else payload})
+    return encode({"ok": payload})
 
 
 def error_envelope(err: LScaleError) -> bytes:
@@ -276,7 +286,11 @@ class Bus:
             if not msg.reply:
                 return
             try:
-                data = error_envelope(error) if error else ok_envelope(result)
+                try:
+                    data = error_envelope(error) if error else ok_envelope(result)
+                except BusError as exc:  # a handler returned something msgpack cannot hold
+                    log.error("reply not encodable", subject=msg.subject, error=str(exc))
+                    data = error_envelope(LScaleError(f"reply on {msg.subject}: {exc.message}"))
                 if len(data) > self.max_payload:
                     data = error_envelope(PayloadTooLarge(
                         f"reply on {msg.subject} is {len(data)} bytes, over max_payload"))

@@ -19,6 +19,7 @@ CORE_SERVICES = ("router", "scaler", "model_store", "transfer")
 # stop order: ingress first, so no new work enters; executors last but one; NATS last
 _STOP_ORDER = {"router": 0, "scaler": 1, "transfer": 2, "executor": 3, "model_store": 4}
 CLUSTER_FILE = "cluster.json"
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 
 
 def default_state_dir() -> str:
@@ -168,7 +169,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.nats_url:
             nats_url = args.nats_url
         else:
-            server = NatsServer(port=args.nats_port, store_dir=state_dir / "nats").start()
+            # 8 MiB messages: tokenizer files and pipeline activations exceed NATS' 1 MiB default
+            server = NatsServer(port=args.nats_port, store_dir=state_dir / "nats",
+                                max_payload=NATS_MAX_PAYLOAD).start()
             nats_url = server.url
         env = {"LSCALE_NATS_URL": nats_url, "LSCALE_STATE_DIR": str(state_dir),
                "LSCALE_HTTP_PORT": str(args.http_port)}

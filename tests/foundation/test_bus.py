@@ -10,6 +10,7 @@ import pytest
 from shared import subjects
 from shared.bus import Bus, decode, encode
 from shared.errors import (
+    LScaleError,
     ModelNotFound,
     NoResponders,
     NotConnected,
@@ -157,3 +158,17 @@ async def test_gather_collects_many_replies(bus: Bus) -> None:
         await bus.nc.subscribe(subjects.SRV_PING, cb=answer)
     replies = await bus.gather(subjects.SRV_PING, window=0.3)
     assert sorted(json.loads(r)["id"] for r in replies) == ["0", "1", "2"]
+
+
+async def test_reply_with_nested_messages_and_unencodable_reply(bus: Bus) -> None:
+    async def many(body: Any, msg: Any) -> list[Ack]:
+        return [Ack(detail="a"), Ack(detail="b")]
+
+    async def bad(body: Any, msg: Any) -> object:
+        return object()
+
+    await bus.serve("t.many", many)
+    await bus.serve("t.bad", bad)
+    assert [r["detail"] for r in await bus.request("t.many", {})] == ["a", "b"]
+    with pytest.raises(LScaleError, match="can not serialize .object."):  # an error, not a timeout
+        await bus.request("t.bad", {}, timeout=2)
