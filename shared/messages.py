@@ -520,3 +520,33 @@ class LoadReport(Message):
 # =============================================================================================
 # scaler
 # =============================================================================================
+
+
+@message("scaler.undeploy")
+@dataclass(frozen=True)
+class Undeploy(Message):
+    """CLI -> scaler (``SCALER_UNDEPLOY``): remove a deployment; its instances are released.
+    (``SCALER_DEPLOY`` takes a ``DeploymentSpec.to_dict()`` map and answers with the spec as
+    stored.)"""
+
+    name: str
+
+
+@message("scaler.deployment")
+@dataclass(frozen=True)
+class DeploymentStatus(Message):
+    """One deployment in the ``SCALER_LIST`` reply."""
+
+    spec: dict[str, Any]  # services.scaler.deployment.DeploymentSpec.to_dict()
+    desired: int = 0  # instances the policy wants now
+    instances: list[dict[str, Any]] = field(default_factory=list)  # instance-table rows
+    ready: int = 0  # rows in state "ready"
+    reason: str = ""  # the policy's latest reason (scale_out, keep_alive, ...)
+
+
+@message("scaler.list")
+@dataclass(frozen=True)
+class DeploymentList(Message):
+    """Scaler's reply on ``SCALER_LIST``: every deployment, by name."""
+
+    deployments: list[DeploymentStatus] = field(default_factory=list)

@@ -328,6 +328,14 @@ def reconcile(view: ClusterView) -> ReconcileResult:
         eid: HostCache(r.host_budget_bytes, r.host_copies) for eid, r in view.executors.items()
     }
     names = sorted(set(view.desired) | set(members))
+    # A demotion must not evict a host copy that feeds a multicast now or may feed one this
+    # step: the models of pending multicasts and of deployments that are about to grow.
+    protect = frozenset(
+        spec.model
+        for name, spec in view.deployments.items()
+        if view.desired.get(name, 0) > len(members.get(name, set()))
+        or any(op.kind == "startmulticast" and op.deployment == name for op in view.pending)
+    )
     # Scale-in first: it frees nothing at once, but its demotions see the host caches before
     # any scale-out of this step plans around them.
     for name in names:
@@ -338,7 +346,8 @@ def reconcile(view: ClusterView) -> ReconcileResult:
         model = _model_of(view, name) or next(iter(_models_of(records, have)), None)
         if model is None:
             continue
-        shrink = _scale_in(view, name, model, have, records, caches, len(have) - want)
+        shrink = _scale_in(view, name, model, have, records, caches, len(have) - want,
+                           protect)
         scale_ins.append(shrink)
         caches = dict(shrink.caches)
         for removal in shrink.removals:
@@ -401,6 +410,7 @@ def _scale_in(
     records: Mapping[str, InstanceRecord],
     caches: Mapping[str, HostCache],
     n: int,
+    protect: frozenset[str] = frozenset(),
 ) -> ScaleInPlan:
     # Remove ready instances before loading ones: a loading receiver may be relaying blocks
     # to other receivers in a binomial pipeline, and removing it forces a re-plan.
@@ -417,9 +427,9 @@ def _scale_in(
     ready = [info(e) for e in sorted(members) if _is_ready(view, records, e)]
     loading = [info(e) for e in sorted(members) if not _is_ready(view, records, e)]
     first = plan_scale_in(model, min(n, len(ready)), ready, caches, view.model_bytes.get(model),
-                          view.now)
+                          view.now, protect=protect)
     rest = plan_scale_in(model, n - len(first.removals), loading, first.caches,
-                         view.model_bytes.get(model), view.now)
+                         view.model_bytes.get(model), view.now, protect=protect)
     return ScaleInPlan(model, first.removals + rest.removals, rest.caches)
 
 
