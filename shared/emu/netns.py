@@ -44,8 +44,8 @@ _SHM_RE = re.compile(rf"^{PREFIX}-shm-(\d+)-")
 _CMD_TIMEOUT_S = 10.0
 
 
-class EmuError(Unavailable):
-    """Setting up the emulated cluster failed (the message names the command)."""
+# setting up the emulated cluster failed (the message names the command); no class of its own
+EmuError = Unavailable
 
 
 def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[str]:
