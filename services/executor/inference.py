@@ -74,6 +74,7 @@ class EngineDriver:
         self._flush = asyncio.Event()
         self._dirty: dict[str, _Local] = {}
         self._closed = False
+        self._last_marked = False
         self._steps: collections.deque[tuple[float, int, float]] = collections.deque()
         self._step_task = asyncio.create_task(self._step_loop(), name="engine-steps")
         self._send_task = asyncio.create_task(self._send_loop(), name="engine-tokens")
@@ -225,7 +226,7 @@ class EngineDriver:
                 except Exception as exc:  # the client went away; the request goes on or ends
                     log.warning("could not send tokens", request_id=local.request_id,
                                 error=repr(exc))
-            if self._closed and not self._dirty:
+            if self._last_marked and not self._dirty:
                 return
 
     # -- closing ------------------------------------------------------------------------------
@@ -241,6 +242,7 @@ class EngineDriver:
             log.error("engine loop failed", error=repr(exc))
         for request_id in list(self._requests):
             self._end(request_id, "error", error)
+        self._last_marked = True  # the sender may stop once these are out
         self._flush.set()
         try:
             await asyncio.wait_for(self._send_task, 10.0)

@@ -50,14 +50,14 @@ class TinyModel:
     _greedy: dict[tuple[tuple[int, ...], int], list[int]] = field(default_factory=dict)
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
-        """transformers' greedy continuation of exactly ``n`` tokens."""
+        """transformers' greedy continuation of exactly ``n`` tokens (EOS not special)."""
         key = (tuple(prompt), n)
         if key not in self._greedy:
             with torch.inference_mode():
                 out = self.hf.generate(
                     torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
                                                                       dtype=torch.long),
-                    max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                    max_new_tokens=n, do_sample=False)
             self._greedy[key] = [int(t) for t in out[0, len(prompt):]]
         return self._greedy[key]
 
@@ -73,7 +73,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     manifest = store.add(MODEL, ckpt.directory, num_blocks=NUM_LAYERS, progress=False)
     data = b"".join(store.block_path(MODEL, b.index).read_bytes() for b in manifest.blocks)
     assert len(data) == manifest.total_bytes
-    hf = AutoModelForCausalLM.from_pretrained(ckpt.directory, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt.directory, dtype=torch.float32)
+    hf.eval()  # type: ignore[no-untyped-call]
+    # the reference must not stop at (or steer around) EOS: requests here set ignore_eos
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
     return TinyModel(MODEL, ckpt.directory, manifest, data, hf)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from shared import subjects
 from shared.bus import Bus
@@ -48,7 +49,7 @@ async def test_store_load_publishes_readiness_and_greedy_matches_transformers(
 
     values = executor.metrics()
     assert values["model"] == tiny.name and values["num_layers"] == NUM_LAYERS
-    assert layer_set(values[EXEC_READY_LAYERS]) == set(range(NUM_LAYERS))
+    assert layer_set(values[EXEC_READY_LAYERS]) == frozenset(range(NUM_LAYERS))
     assert values["model_assigned_s"] > 0 and values["device"] == "cpu"
     assert values["kv_total"] > 0 and values["tokens_per_s"] > 0
     await eventually(lambda: executor.metrics()[EXEC_KV_USED] == 0)
@@ -61,7 +62,7 @@ async def test_concurrent_requests_are_batched_and_equal_unbatched(
     await assign(bus, "e1", tiny, load_from="store")
     await ready.until(lambda e: e.complete)
     prompts = {f"g{i}": prompt_of(3 + 4 * i, seed=10 + i) for i in range(6)}
-    sampled = {"temperature": 0.9, "top_p": 0.9, "seed": 1234}
+    sampled: dict[str, Any] = {"temperature": 0.9, "top_p": 0.9, "seed": 1234}
 
     alone = await (await infer(bus, "e1", "s-alone", prompts["g0"], max_tokens=12,
                                **sampled)).wait()
