@@ -401,6 +401,8 @@ class NatsBackend:
         flight.inbox.put_nowait(chunk)
 
     async def _next_item(self, flight: _Flight) -> _Item:
+        if not flight.inbox.empty():  # tokens often arrive faster than the client takes them
+            return flight.inbox.get_nowait()
         first = not flight.generated
         timeout = self.settings.first_token_timeout_s if first else self.settings.token_timeout_s
         try:
