@@ -15,27 +15,33 @@ requests queued for a model), one *tick*:
    slow executor never stalls the loop. An instance row is written to the KV bucket *before*
    the assignment is sent, which is what keeps a restarted scaler from assigning twice.
 
-Wire contract with the other services (the executor and transfer sides build to this):
+Wire contract with the other services (messages in ``shared/messages.py``):
 
 * executor ``exec_ctl(eid)`` requests (replies in the bus's ok/error envelope):
   ``{"op": "assign", **AssignModel}`` -> :class:`AssignReply` (``region`` = the descriptor of
   the weight buffer that multicast senders write into; ``load_from`` is ``"none"`` (a
-  multicast will fill it) or ``"host"`` (load the host-memory copy it kept));
-  ``{"op": "release", **ReleaseModel, "evict": [models]}`` -> anything (an :class:`Ack`);
-  ``evict`` names host copies the scaler's accountant expects to be dropped to make room;
-  ``{"op": "status"}`` -> :class:`ExecutorStatus`.
-  An assign replaces whatever the executor held; it is answered once the buffer is exposed,
-  not when the weights have arrived. Executors publish metrics (keys in
-  :data:`observe.METRIC_KEYS`) and :class:`LayerReadiness`; the scaler marks an instance
-  ready when every layer of the assigned model is reported ready.
-* transfer ``TRANSFER_START`` request: ``{"model", "sources": [ids], "receivers": [ids],
-  "strategy", "source_tier", "regions": {receiver id: RegionDescriptor dict}, "deployment",
-  "key"}`` -> ``{"transfer_id": str}``. Sources are executor ids (GPU or host-memory copies,
-  ``source_tier`` ``gpu``/``host``) or ``"store"`` (``store_memory``/``store_disk``: the model
-  store sends). The transfer service reads the block layout from the store by model name.
+  multicast will fill it) or ``"host"`` (load the host-memory copy it kept); ``parts`` =
+  ``multicast_parts``). Answered once the buffer is exposed, not when the weights are in; an
+  assign replaces whatever the executor held. A typed error reply means "not assigned" (the
+  row is deleted, the executor rests ``retry_backoff_s``); a timeout leaves the row to
+  housekeeping.
+  ``{"op": "release", **ReleaseModel, "evict": [models]}`` -> any ok reply (an :class:`Ack`);
+  ``evict`` names host copies the scaler's accountant expects dropped to make room.
+  ``{"op": "status"}`` -> :class:`ExecutorStatus` (asked of executors that discovery finds
+  before their first metrics snapshot).
+  Executors publish metrics (keys :data:`observe.METRIC_KEYS`; ``model`` is None when free)
+  and :class:`LayerReadiness`; an instance is ready when every layer is reported ready.
+* transfer ``TRANSFER_START`` request: :class:`StartTransfer` (``regions`` from the receivers'
+  assign replies, ``num_blocks`` from the manifest, ``parts`` = ``multicast_parts``) plus the
+  extra keys ``source_tier``, ``deployment``, ``key``; any ok reply (a
+  :class:`TransferStarted`; its ``transfer_id`` goes into the ``scale.multicast.started``
+  event). Sources are executor ids (``source_tier`` ``gpu``/``host``) or ``"store"``
+  (``store_memory``/``store_disk``), listed fastest tier first. An error reply releases the
+  receivers and rests the deployment's scale-out ``retry_backoff_s``.
 * store ``STORE_GET`` request ``{"name": model}`` -> the manifest map (``total_bytes``,
-  ``blocks``, ...; optional ``in_memory: true`` when the store's host-memory tier holds it),
-  or the ``ModelNotFound`` error.
+  ``blocks``; ``in_memory: true`` when the store's host-memory tier holds it), or the
+  ``ModelNotFound`` error; no answer blocks scale-out (``scale.blocked``, reason
+  ``store_unavailable``) until the store answers.
 """
 
 from __future__ import annotations
@@ -123,6 +129,7 @@ from shared.messages import (
     LoadReport,
     MetricsSnapshot,
     ReleaseModel,
+    StartTransfer,
     Undeploy,
 )
 from shared.runtime import Service
@@ -160,6 +167,8 @@ class ScalerConfig(ServiceConfig):
         default=5.0, metadata={"help": "pause before retrying a failed scale-out"})
     strategy: str = field(default=DEFAULT_STRATEGY, metadata={"help": "multicast strategy"})
     transport: str = field(default="tcp", metadata={"help": "data-plane transport: tcp|shm|rdma"})
+    multicast_parts: int = field(
+        default=1, metadata={"help": "chunks per block in a multicast (AssignModel.parts)"})
     provisioner: str = field(default="none", metadata={"help": "none|local|docker"})
     provisioner_command: str = field(
         default="", metadata={"help": "executor command template ({python}, {executor_id})"})
@@ -186,6 +195,8 @@ class ScalerConfig(ServiceConfig):
             raise ConfigError("provisioner", f"{self.provisioner!r} is not none|local|docker")
         if self.provisioner == "docker" and not self.provisioner_image:
             raise ConfigError("provisioner_image", "the docker provisioner needs an image")
+        if self.multicast_parts < 1:
+            raise ConfigError("multicast_parts", "must be >= 1")
         if self.max_executors < 0:
             raise ConfigError("max_executors", "must be >= 0")
         if self.transport not in ("tcp", "shm", "rdma"):
@@ -834,7 +845,8 @@ class ScalerService(Service[ScalerConfig]):
         self._publish(action_event(action, started, self._source))
         body = {"op": "assign", **AssignModel(model=action.model, manifest=manifest,
                                               load_from=_load_from(action.source_tier),
-                                              transport=self.config.transport).to_wire()}
+                                              transport=self.config.transport,
+                                              parts=self.config.multicast_parts).to_wire()}
         try:
             reply = await self.bus.request(subjects.exec_ctl(eid), body, reply_type=AssignReply,
                                            timeout=self.config.assign_timeout_s)
@@ -872,16 +884,14 @@ class ScalerService(Service[ScalerConfig]):
         now = time.time()
         live = dataclasses.replace(request, receivers=tuple(receivers))
         self._publish(action_event(StartMulticast(action.deployment, live), now, self._source))
-        body = {
-            "model": request.model,
-            "sources": list(request.sources),
-            "receivers": receivers,
-            "strategy": request.strategy,
-            "source_tier": request.source_tier.value,
-            "regions": regions,
-            "deployment": action.deployment,
-            "key": action.key,
-        }
+        manifest = self._manifest(request.model) or {}
+        start = StartTransfer(model=request.model, sources=list(request.sources),
+                              receivers=receivers, regions=regions,
+                              num_blocks=len(manifest.get("blocks", [])),
+                              parts=self.config.multicast_parts, strategy=request.strategy)
+        # Extra fields (ignored by decoders that do not know them) say why, for logs.
+        body = {**start.to_wire(), "source_tier": request.source_tier.value,
+                "deployment": action.deployment, "key": action.key}
         try:
             reply = await self.bus.request(subjects.TRANSFER_START, body,
                                            timeout=self.config.transfer_timeout_s)

@@ -35,6 +35,7 @@ from shared.messages import (
     LoadReport,
     MetricsSnapshot,
     ReleaseModel,
+    StartTransfer,
     Undeploy,
 )
 from shared.natsserver import NatsServer
@@ -346,6 +347,8 @@ async def test_burst_multicasts_from_the_store_then_keep_alive_demotes(cluster: 
     assert sorted(request["receivers"]) == assigned
     assert sorted(request["regions"]) == assigned
     assert all(r["token"] == "t" for r in request["regions"].values())
+    typed = StartTransfer.from_wire(request)  # what the transfer service decodes
+    assert typed.num_blocks == NUM_LAYERS and typed.parts == 1 and typed.strategy == "lambdapipe"
     for _, a in cluster.assigns():
         assert a.load_from == "none" and a.manifest["total_bytes"] == MODEL_BYTES
 
