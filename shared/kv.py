@@ -47,18 +47,5 @@ async def kv_get(kv: KeyValue, key: str) -> Any | None:
     return decode(entry.value)
 
 
-async def kv_items(kv: KeyValue) -> dict[str, Any]:
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return {}
-    out = {}
-    for key in keys:
-        value = await kv_get(kv, key)
-        if value is not None:
-            out[key] = value
-    return out
-
-
 async def kv_delete(kv: KeyValue, key: str) -> None:
     await kv.delete(key)

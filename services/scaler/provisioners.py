@@ -39,7 +39,7 @@ DEFAULT_LOCAL_COMMAND: tuple[str, ...] = (
     "{python}",
     "-m",
     "services.executor",
-    "--id",
+    "--instance-id",
     "{executor_id}",
 )
 

@@ -148,7 +148,7 @@ async def test_local_errors(tmp_path: Path) -> None:
 
 
 def test_default_command_runs_the_executor_module() -> None:
-    assert DEFAULT_LOCAL_COMMAND[1:4] == ("-m", "services.executor", "--id")
+    assert DEFAULT_LOCAL_COMMAND[1:4] == ("-m", "services.executor", "--instance-id")
 
 
 def test_no_orphans_when_the_scaler_is_killed(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def client_for(server: FakeDockerd) -> docker.DockerClient:
 async def test_docker_start_list_stop(dockerd: FakeDockerd) -> None:
     prov = DockerProvisioner(
         image="lscale/executor:dev", client=client_for(dockerd),
-        command=["python", "-m", "services.executor", "--id", "{executor_id}"],
+        command=["python", "-m", "services.executor", "--instance-id", "{executor_id}"],
         env={"LSCALE_NATS_URL": "nats://nats:4222"}, network="lscale-net",
         labels={"team": "infra"}, owner="test-cluster", stop_timeout_s=3,
     )
@@ -209,7 +209,7 @@ async def test_docker_start_list_stop(dockerd: FakeDockerd) -> None:
     for eid, req in zip(ids, creates, strict=True):
         body = req.body
         assert body["Image"] == "lscale/executor:dev"
-        assert body["Cmd"] == ["python", "-m", "services.executor", "--id", eid]
+        assert body["Cmd"] == ["python", "-m", "services.executor", "--instance-id", eid]
         assert sorted(body["Env"]) == sorted([f"{EXECUTOR_ID_ENV}={eid}",
                                               "LSCALE_NATS_URL=nats://nats:4222"])
         assert body["Labels"] == {"team": "infra", "lscale.role": "executor",
