@@ -47,5 +47,24 @@ async def kv_get(kv: KeyValue, key: str) -> Any | None:
     return decode(entry.value)
 
 
+async def kv_items(kv: KeyValue) -> dict[str, Any]:
+    """Every live key and value, read in one pass of one watcher.
+
+    The watcher's ephemeral consumer gets a short inactivity threshold: with the default
+    (minutes), a loop calling this would pile up consumers until JetStream's limit.
+    """
+    watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=2.0)
+    out: dict[str, Any] = {}
+    try:
+        async for entry in watcher:
+            if entry is None:  # end of the values present when the watch started
+                break
+            if entry.value is not None:
+                out[entry.key] = decode(entry.value)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return out
+
+
 async def kv_delete(kv: KeyValue, key: str) -> None:
     await kv.delete(key)

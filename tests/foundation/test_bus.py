@@ -172,3 +172,17 @@ async def test_reply_with_nested_messages_and_unencodable_reply(bus: Bus) -> Non
     assert [r["detail"] for r in await bus.request("t.many", {})] == ["a", "b"]
     with pytest.raises(LScaleError, match="can not serialize .object."):  # an error, not a timeout
         await bus.request("t.bad", {}, timeout=2)
+
+
+async def test_kv_items_reads_everything_and_leaves_no_consumer_pile(bus: Bus) -> None:
+    from shared.kv import bucket, kv_items, kv_put
+
+    kv = await bucket(bus, "t_items")
+    for i in range(5):
+        await kv_put(kv, f"k{i}", {"i": i})
+    await kv.delete("k0")
+    for _ in range(30):  # each call's consumer must go away, not accumulate
+        assert await kv_items(kv) == {f"k{i}": {"i": i} for i in range(1, 5)}
+    await asyncio.sleep(2.5)
+    info = await bus.nc.jetstream().stream_info("KV_t_items")
+    assert info.state.consumer_count <= 1
