@@ -144,6 +144,41 @@ async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
         await bus.close()
 
 
+DEFAULT_MODEL = "tiny-llama"
+
+
+async def ensure_default_model(nats_url: str, state_dir: Path) -> None:
+    """First run: create a tiny random-weight checkpoint, add it to the store, deploy it, so
+    a new user can send a completion to the printed URL right away. Idempotent."""
+    from shared import subjects
+    from shared.bus import Bus
+
+    bus = await Bus.connect(nats_url, "lscale-up")
+    try:
+        models = await bus.request(subjects.STORE_LIST, {}, timeout=30)
+        if DEFAULT_MODEL not in {m["name"] for m in models}:
+            from shared.model.tiny import TinySpec, create_tiny
+
+            ckpt = state_dir / "checkpoints" / DEFAULT_MODEL
+            if not (ckpt / "config.json").is_file():
+                create_tiny(ckpt, TinySpec(architecture="llama", num_layers=4, hidden_size=128,
+                                           num_heads=4, num_kv_heads=2, intermediate_size=256,
+                                           vocab_size=512, seed=0))
+            print(f"lscale: adding the default model {DEFAULT_MODEL!r} to the store", flush=True)
+            await bus.request(subjects.STORE_ADD, {"name": DEFAULT_MODEL, "path": str(ckpt),
+                                                   "blocks": 4}, timeout=120)
+        deployments = await bus.request(subjects.SCALER_LIST, {}, timeout=10)
+        names = {d["spec"]["name"] for d in deployments.get("deployments", [])}
+        if DEFAULT_MODEL not in names:
+            await bus.request(subjects.SCALER_DEPLOY, {
+                "name": DEFAULT_MODEL, "model": DEFAULT_MODEL, "min_instances": 1,
+                "max_instances": 2, "target_concurrency": 8, "keep_alive_s": 60.0,
+            }, timeout=10)
+            print(f"lscale: deployed {DEFAULT_MODEL!r} (min 1, max 2 instances)", flush=True)
+    finally:
+        await bus.close()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError, LScaleError
     from shared.natsserver import NatsServer
@@ -190,6 +225,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         if missing:
             raise LScaleError(f"not ready within {args.ready_timeout:.0f}s: "
                               f"{', '.join(sorted(missing))} (see {state_dir / 'logs'})")
+        if not args.no_default_model:
+            run_async(ensure_default_model(nats_url, state_dir))
         http_url = f"http://127.0.0.1:{args.http_port}"
         record.write_text(json.dumps({"nats_url": nats_url, "http_url": http_url,
                                       "pid": os.getpid(), "executors": args.executors}))

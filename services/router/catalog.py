@@ -185,7 +185,13 @@ class ModelCatalog:
         items = reply.get("deployments", []) if isinstance(reply, dict) else reply
         if not isinstance(items, list):
             return None
-        return {d["model"] for d in items if isinstance(d, dict) and isinstance(d.get("model"), str)}
+        models: set[str] = set()
+        for item in items:
+            # DeploymentStatus rows carry the DeploymentSpec under "spec"
+            spec = item.get("spec", item) if isinstance(item, dict) else None
+            if isinstance(spec, dict) and isinstance(spec.get("model"), str):
+                models.add(spec["model"])
+        return models
 
     async def _manifest_entry(self, name: str) -> CatalogEntry:
         reply = await self._ask(subjects.STORE_GET, {"name": name},
