@@ -121,8 +121,11 @@ def child_specs(n_executors: int, env: dict[str, str]) -> list[ChildSpec]:
 
 
 async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
-                      alive: Callable[[], None]) -> set[str]:
-    """Wait until every expected instance id answers discovery as running; returns missing."""
+                      alive: Callable[[], None]) -> tuple[set[str], str | None]:
+    """Wait until every expected instance id answers discovery as running.
+
+    Returns the ids still missing and the router's HTTP URL as it reports it (the port it
+    really bound, which differs from the flag when that is 0)."""
     from shared.bus import Bus
     from shared.discovery import discover
     from shared.kv import ensure_buckets
@@ -132,14 +135,17 @@ async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
         await ensure_buckets(bus)
         deadline = time.monotonic() + timeout
         missing = set(expected)
+        http_url: str | None = None
         while time.monotonic() < deadline:
             alive()
-            found = {r.id for r in await discover(bus, window=0.3) if r.state == "running"}
-            missing = expected - found
+            records = [r for r in await discover(bus, window=0.3) if r.state == "running"]
+            missing = expected - {r.id for r in records}
+            http_url = next((r.metadata["http_url"] for r in records
+                             if r.kind == "router" and "http_url" in r.metadata), None)
             if not missing:
                 break
             await asyncio.sleep(0.2)
-        return missing
+        return missing, http_url
     finally:
         await bus.close()
 
@@ -220,14 +226,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             if stopping:
                 raise KeyboardInterrupt
 
-        missing = run_async(_wait_ready(nats_url, {s.name for s in specs}, args.ready_timeout,
-                                        alive))
+        missing, reported_url = run_async(_wait_ready(nats_url, {s.name for s in specs},
+                                                      args.ready_timeout, alive))
         if missing:
             raise LScaleError(f"not ready within {args.ready_timeout:.0f}s: "
                               f"{', '.join(sorted(missing))} (see {state_dir / 'logs'})")
         if not args.no_default_model:
             run_async(ensure_default_model(nats_url, state_dir))
-        http_url = f"http://127.0.0.1:{args.http_port}"
+        http_url = reported_url or f"http://127.0.0.1:{args.http_port}"
         record.write_text(json.dumps({"nats_url": nats_url, "http_url": http_url,
                                       "pid": os.getpid(), "executors": args.executors}))
         print(f"lscale: cluster ready — HTTP {http_url}  NATS {nats_url}", flush=True)
