@@ -15,22 +15,33 @@ The owner is an :class:`asyncio.BufferedProtocol`: for the payload it hands the 
 ``memoryview`` slice of the region itself, so the kernel copies socket bytes directly into
 the weight buffer — no intermediate Python buffer. The writer uses ``loop.sock_sendall`` on
 ``memoryview`` slices, which sends without copying the data first.
+
+Send-rate cap
+    A writer may pace its bytes to ``send_rate_mbit`` megabits per second (argument, else the
+    ``LSCALE_SEND_RATE_MBIT`` variable; unset, empty or 0: no cap). The cap is per writer, i.e.
+    per link (one connection to one region), enforced by a :class:`TokenBucket` whose burst is
+    one send slice: the payload goes out in slices of about 10 ms of the rate (16 KiB at
+    least), each sent once the bucket has credit for it. Uses: keeping a multicast from
+    saturating a NIC it shares with serving traffic, and making loopback behave like a link
+    of a known speed (a multicast that lasts seconds, not milliseconds, in tests and demos).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 import structlog
 
-from shared.errors import RegionAccessDenied, TransportError
+from shared.errors import ConfigError, RegionAccessDenied, TransportError
 from shared.transport.base import OnWrite, RegionDescriptor
 
 log = structlog.get_logger("transport.tcp")
@@ -41,6 +52,58 @@ ACK = struct.Struct("<BqH")
 STATUS_OK, STATUS_DENIED, STATUS_ERROR = 0, 1, 2
 _DRAIN_CHUNK = 1 << 20
 _MAX_ID = 1024
+SEND_RATE_ENV = "LSCALE_SEND_RATE_MBIT"
+_MIN_SLICE = 16 * 1024
+_MAX_SLICE = 1 << 20
+_SLICE_SECONDS = 0.01  # a paced slice carries about this much of the rate
+
+
+def send_rate_from_env(env: Mapping[str, str] | None = None) -> float:
+    """The per-link send cap in Mbit/s from ``LSCALE_SEND_RATE_MBIT`` (0.0: no cap)."""
+    raw = (os.environ if env is None else env).get(SEND_RATE_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        rate = float(raw)
+    except ValueError as exc:
+        raise ConfigError("send_rate_mbit",
+                          f"{SEND_RATE_ENV}={raw!r} is not a number of Mbit/s") from exc
+    if not rate >= 0 or rate == float("inf"):
+        raise ConfigError("send_rate_mbit", f"{SEND_RATE_ENV}={raw!r} must be >= 0 and finite")
+    return rate
+
+
+class TokenBucket:
+    """Pure pacing arithmetic (no clock, no sleeping): ``rate`` bytes/s, ``burst`` bytes.
+
+    :meth:`reserve` takes ``n`` bytes of credit at time ``now`` and says how long to wait
+    before sending them. Credit may go negative (a debt the wait pays off), so a slice larger
+    than the burst is still sent, just later; over any long run the bytes sent never exceed
+    ``burst + rate * elapsed``.
+    """
+
+    def __init__(self, rate_bytes_per_s: float, burst_bytes: int, now: float) -> None:
+        if not rate_bytes_per_s > 0:
+            raise ConfigError("send_rate_mbit", f"rate must be > 0, got {rate_bytes_per_s}")
+        if burst_bytes <= 0:
+            raise ConfigError("send_rate_mbit", f"burst must be > 0, got {burst_bytes}")
+        self.rate = float(rate_bytes_per_s)
+        self.burst = float(burst_bytes)
+        self.tokens = float(burst_bytes)
+        self.updated = now
+
+    def reserve(self, n: int, now: float) -> float:
+        """Take ``n`` bytes of credit; seconds to wait before sending them (0.0: now)."""
+        if now > self.updated:
+            self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+def pacing_slice(rate_bytes_per_s: float) -> int:
+    """Bytes per paced send: ~10 ms of the rate, within [16 KiB, 1 MiB]."""
+    return int(min(_MAX_SLICE, max(_MIN_SLICE, rate_bytes_per_s * _SLICE_SECONDS)))
 
 
 @dataclass
@@ -258,11 +321,25 @@ class TcpRegionServer:
 
 
 class TcpRegionWriter:
-    """One TCP connection to one region; writes are serialized on it."""
+    """One TCP connection to one region; writes are serialized on it.
 
-    def __init__(self, descriptor: RegionDescriptor, timeout_s: float = 60.0) -> None:
+    ``send_rate_mbit``: cap on this link's send rate (None: ``LSCALE_SEND_RATE_MBIT``; 0: none).
+    """
+
+    def __init__(self, descriptor: RegionDescriptor, timeout_s: float = 60.0,
+                 send_rate_mbit: float | None = None) -> None:
         self.descriptor = descriptor
         self.timeout_s = timeout_s
+        rate = send_rate_from_env() if send_rate_mbit is None else float(send_rate_mbit)
+        if not rate >= 0 or rate == float("inf"):
+            raise ConfigError("send_rate_mbit", f"{send_rate_mbit!r} must be >= 0 and finite")
+        self.send_rate_mbit = rate
+        self._bucket: TokenBucket | None = None
+        self._slice = _MAX_SLICE
+        if rate > 0:
+            rate_bytes = rate * 1e6 / 8
+            self._slice = pacing_slice(rate_bytes)
+            self._bucket = TokenBucket(rate_bytes, self._slice, time.monotonic())
         self._sock: socket.socket | None = None
         self._lock = asyncio.Lock()
         self._prefix = descriptor.region_id.encode() + descriptor.token.encode()
@@ -305,9 +382,9 @@ class TcpRegionWriter:
         loop = asyncio.get_running_loop()
         header = WRITE_HEADER.pack(MAGIC, len(self.descriptor.region_id.encode()),
                                    len(self.descriptor.token.encode()), offset, len(view), tag)
-        await loop.sock_sendall(sock, header + self._prefix)
+        await self._send(loop, sock, header + self._prefix)
         if len(view):
-            await loop.sock_sendall(sock, view)
+            await self._send(loop, sock, view)
         status, acked_tag, msg_len = ACK.unpack(await _recv_exactly(sock, ACK.size))
         message = (await _recv_exactly(sock, msg_len)).decode(errors="replace") if msg_len else ""
         if acked_tag != tag:
@@ -316,6 +393,20 @@ class TcpRegionWriter:
             raise RegionAccessDenied(message)
         if status != STATUS_OK:
             raise TransportError(message or "owner failed the write")
+
+    async def _send(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                    data: bytes | memoryview) -> None:
+        bucket = self._bucket
+        if bucket is None:
+            await loop.sock_sendall(sock, data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), self._slice):
+            piece = view[start:start + self._slice]
+            delay = bucket.reserve(len(piece), time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await loop.sock_sendall(sock, piece)
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -340,8 +431,8 @@ async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-async def open_tcp_writer(descriptor: RegionDescriptor, timeout_s: float = 60.0
-                          ) -> TcpRegionWriter:
-    writer = TcpRegionWriter(descriptor, timeout_s)
+async def open_tcp_writer(descriptor: RegionDescriptor, timeout_s: float = 60.0,
+                          send_rate_mbit: float | None = None) -> TcpRegionWriter:
+    writer = TcpRegionWriter(descriptor, timeout_s, send_rate_mbit)
     await writer.connect()
     return writer
