@@ -7,6 +7,9 @@ NATS request to its sender (``exec_send(src)``, or ``STORE_SOURCE`` for the stor
 :class:`SendChunks`; the sender's data-plane peer writes the chunk into the receiver's region
 and replies once it has landed. Each landed chunk and the end are published on
 ``transfer_progress(tid)``; the end is also a ``transfer.done`` / ``transfer.failed`` event.
+For dashboards (``shared.metrics_schema``), a running transfer's per-receiver bytes are in the
+metrics snapshot (``transfers``) and, at most every ``PROGRESS_EVENT_INTERVAL_S``, in a
+``transfer.progress`` event; chunk sizes come from the store's manifest (``STORE_GET``).
 
 Who is blamed for a failed edge: no responder / no reply → the sender; a data-plane error
 reported by the sender (TransportError, RegionAccessDenied) → the receiver.
@@ -14,12 +17,15 @@ reported by the sender (TransportError, RegionAccessDenied) → the receiver.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
 
 from services.transfer.driver import TransferDriver, TransferResult
 from services.transfer.planner import Edge, MulticastPlan, plan_multicast
+from services.transfer.progress import MulticastProgress, chunk_sizes_from_manifest
+from shared import metrics_schema as ms
 from shared import subjects
 from shared.config import ServiceConfig
 from shared.errors import (
@@ -37,6 +43,8 @@ from shared.runtime import Service
 STORE_SOURCE_ID = "store"
 SEND_TIMEOUT_S = 120.0
 TRANSFER_TIMEOUT_S = 3600.0
+PROGRESS_EVENT_INTERVAL_S = 0.25
+MANIFEST_TIMEOUT_S = 5.0
 
 
 def sender_subject(node: str) -> str:
@@ -49,6 +57,7 @@ class TransferService(Service[ServiceConfig]):
 
     async def setup(self) -> None:
         self.transfers: dict[str, dict[str, Any]] = {}
+        self.progress: dict[str, MulticastProgress] = {}  # running transfers only
         await self.endpoint("start", subjects.TRANSFER_START, self._start,
                             message_type=StartTransfer, queue="transfer")
         await self.endpoint("status", subjects.TRANSFER_STATUS, self._status)
@@ -58,7 +67,8 @@ class TransferService(Service[ServiceConfig]):
     def metrics(self) -> dict[str, Any]:
         states = [t["state"] for t in self.transfers.values()]
         return {"transfers_running": states.count("running"),
-                "transfers_done": states.count("done"), "transfers_failed": states.count("failed")}
+                "transfers_done": states.count("done"), "transfers_failed": states.count("failed"),
+                ms.TRANSFER_TRANSFERS: {tid: p.entry() for tid, p in self.progress.items()}}
 
     async def _instance_status(self, body: Any, msg: Any) -> dict[str, Any]:
         return {"state": self.state, "id": self.id}
@@ -82,6 +92,9 @@ class TransferService(Service[ServiceConfig]):
             raise BadRequest(f"transfer {tid!r} is already running")
         self.transfers[tid] = {"state": "running", "model": req.model, "ticks": plan.num_ticks,
                                "strategy": req.strategy, "started": time.time()}
+        self.progress[tid] = MulticastProgress.start(
+            req.model, req.strategy, list(plan.receivers), req.num_blocks * req.parts,
+            req.regions)
         self.spawn(self._drive(tid, req, plan), name=f"transfer-{tid}")
         self.log.info("transfer started", transfer=tid, model=req.model,
                       strategy=req.strategy, sources=len(req.sources),
@@ -89,6 +102,39 @@ class TransferService(Service[ServiceConfig]):
         return TransferStarted(transfer_id=tid, ticks=plan.num_ticks, optimal=plan.optimal)
 
     async def _drive(self, tid: str, req: StartTransfer, plan: MulticastPlan) -> None:
+        watchers = [self.spawn(self._chunk_sizes(tid, req), name=f"sizes-{tid}"),
+                    self.spawn(self._progress_events(tid), name=f"progress-{tid}")]
+        try:
+            await self._run_plan(tid, req, plan)
+        finally:
+            self.progress.pop(tid, None)
+            for task in watchers:
+                task.cancel()
+
+    async def _chunk_sizes(self, tid: str, req: StartTransfer) -> None:
+        """Exact chunk sizes for the progress figures (best effort: estimates stay otherwise)."""
+        try:
+            raw = await self.bus.request(subjects.STORE_GET, {"name": req.model},
+                                         timeout=MANIFEST_TIMEOUT_S)
+            sizes = chunk_sizes_from_manifest(raw, req.parts)
+        except (LScaleError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            self.log.info("no manifest for progress figures", model=req.model, error=str(exc))
+            return
+        tracker = self.progress.get(tid)
+        if tracker is not None:
+            tracker.set_sizes(sizes)
+
+    async def _progress_events(self, tid: str) -> None:
+        published = -1
+        while (tracker := self.progress.get(tid)) is not None:
+            if tracker.version != published:
+                published = tracker.version
+                await self.emit(ms.EVENT_TRANSFER_PROGRESS, model=tracker.model,
+                                transfer_id=tid, strategy=tracker.strategy,
+                                receivers=tracker.receivers())
+            await asyncio.sleep(PROGRESS_EVENT_INTERVAL_S)
+
+    async def _run_plan(self, tid: str, req: StartTransfer, plan: MulticastPlan) -> None:
         progress = subjects.transfer_progress(tid)
 
         async def send(edge: Edge) -> None:
@@ -103,6 +149,9 @@ class TransferService(Service[ServiceConfig]):
             except TransportError as exc:
                 exc.details["node"] = edge.dst
                 raise
+            tracker = self.progress.get(tid)
+            if tracker is not None:
+                tracker.chunk_landed(edge.dst, edge.chunk)
             await self._publish(progress, TransferProgress(
                 transfer_id=tid, model=req.model, state="running", time=time.time(),
                 receiver=edge.dst, chunk=edge.chunk))
