@@ -98,6 +98,7 @@ class BackendSettings:
     models_ttl_s: float = 2.0
     load_report_interval_s: float = 1.0
     max_reroutes: int = 3
+    pipelines: bool = True
 
     def policy(self) -> RoutingPolicy:
         return RoutingPolicy(
@@ -105,6 +106,7 @@ class BackendSettings:
             max_outstanding_per_route=self.max_outstanding_per_route,
             queue_limit=self.queue_limit,
             queue_wait_s=self.queue_wait_s,
+            pipelines=self.pipelines,
         )
 
 

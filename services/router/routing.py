@@ -106,6 +106,8 @@ class RoutingPolicy:
     max_outstanding_per_route: int = 64
     queue_limit: int = 256
     queue_wait_s: float = 30.0
+    # False: local instances only, no execution pipelines (no execute-while-load); baselines
+    pipelines: bool = True
 
     def __post_init__(self) -> None:
         if self.local_target_concurrency < 1:
@@ -291,7 +293,7 @@ class RoutingTable:
         open_locals = [r for r in locals_ if self.route_work(r) < cap]
         local_work = sum(self._work.get(e, 0) for e in plan.local)
         too_few = local_work + 1 > len(plan.local) * self.policy.local_target_concurrency
-        if not too_few and open_locals:
+        if (not too_few and open_locals) or not self.policy.pipelines:
             return open_locals
         pipelines = [Route.of_pipeline(p) for p in plan.pipelines]
         return open_locals + [r for r in pipelines if self.route_work(r) < cap]

@@ -52,6 +52,9 @@ class RouterConfig(ServiceConfig):
         "help": "period of load reports to the scaler"})
     max_reroutes: int = field(default=3, metadata={
         "help": "times one request may move to another route"})
+    pipelines: bool = field(default=True, metadata={
+        "help": "serve through execution pipelines of partial copies while loading "
+                "(execute-while-load); false: local instances only"})
 
     def validate(self) -> None:
         super().validate()
@@ -81,6 +84,7 @@ class RouterConfig(ServiceConfig):
             token_timeout_s=self.token_timeout_s, executor_timeout_s=self.executor_timeout_s,
             store_timeout_s=self.store_timeout_s, models_ttl_s=self.models_ttl_s,
             load_report_interval_s=self.load_report_interval_s, max_reroutes=self.max_reroutes,
+            pipelines=self.pipelines,
         )
 
 

@@ -25,6 +25,7 @@ from shared.errors import InvalidParameter, PlanError
 
 STORE_SOURCE_ID = "store"  # the id a multicast request uses for the model store as a source
 DEFAULT_STRATEGY = "lambdapipe"
+PULL_FROM_STORE = "pull_from_store"  # the baseline strategy whose sources are the store only
 
 
 class Tier(StrEnum):
@@ -156,7 +157,10 @@ def plan_scale_out(
 
     multicast: MulticastRequest | None = None
     if receivers:
-        tier, sources = _best_sources(holders, receivers)
+        # pull_from_store is the ServerlessLLM-style baseline: every new instance reads the
+        # checkpoint from the store, never from running instances or their host copies
+        tier, sources = _best_sources(holders, receivers,
+                                      store_only=strategy == PULL_FROM_STORE)
         # More pipelines than receivers would leave sources idle.
         k = min(len(sources), len(receivers), max_sources or len(sources))
         multicast = MulticastRequest(
@@ -171,11 +175,13 @@ def plan_scale_out(
     )
 
 
-def _best_sources(holders: Holders, receivers: tuple[str, ...]) -> tuple[Tier, tuple[str, ...]]:
-    """The fastest tier holding the model, and its sources (never one of the receivers)."""
+def _best_sources(holders: Holders, receivers: tuple[str, ...], *, store_only: bool = False
+                  ) -> tuple[Tier, tuple[str, ...]]:
+    """The fastest tier holding the model, and its sources (never one of the receivers);
+    with ``store_only``, the store's tiers alone."""
     candidates: tuple[tuple[Tier, tuple[str, ...]], ...] = (
-        (Tier.GPU, holders.gpu),
-        (Tier.HOST, holders.host),
+        (Tier.GPU, () if store_only else holders.gpu),
+        (Tier.HOST, () if store_only else holders.host),
         (Tier.STORE_MEMORY, (holders.store_id,) if holders.store_memory else ()),
         (Tier.STORE_DISK, (holders.store_id,) if holders.store_disk else ()),
     )

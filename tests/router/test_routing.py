@@ -47,6 +47,19 @@ def test_uses_pipelines_when_no_local_instance() -> None:
     assert t.assign("m", "r").route.kind is RouteKind.PIPELINE
 
 
+def test_without_pipelines_only_local_instances_take_requests() -> None:
+    t = RoutingTable(RoutingPolicy(local_target_concurrency=1, pipelines=False),
+                     rng=random.Random(7))
+    t.set_model("m", 4)
+    t.update_readiness("m", "a", [0, 1])
+    t.update_readiness("m", "b", [2, 3])
+    assert t.choose("m") is None  # a full pipeline exists, but execute-while-load is off
+    t.update_readiness("m", "L", range(4))
+    # beyond the local target concurrency the pipeline would compete; here it never does
+    routes = [t.assign("m", f"r{i}").route for i in range(3)]
+    assert all(r.kind is RouteKind.LOCAL and r.executors == ("L",) for r in routes)
+
+
 def test_power_of_two_choices_balances_load() -> None:
     t = table(local_target_concurrency=1000, max_outstanding_per_route=1000)
     t.set_model("m", 2)

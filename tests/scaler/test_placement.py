@@ -102,6 +102,17 @@ def test_max_sources_limits_k_and_strategy_is_passed_on() -> None:
     assert plan.multicast.strategy == "binary_tree"
 
 
+def test_pull_from_store_sources_from_the_store_even_when_instances_run() -> None:
+    holders = Holders(model=M, gpu=("g1",), host=("h9",), store_disk=True)
+    plan = plan_scale_out(M, 2, ["f1", "h1"], holders, strategy="pull_from_store")
+    assert plan.multicast is not None
+    assert plan.multicast.sources == (STORE_SOURCE_ID,)
+    assert plan.multicast.source_tier is Tier.STORE_DISK
+    assert plan.multicast.receivers == ("f1", "h1")
+    with pytest.raises(PlanError, match="no copy"):
+        plan_scale_out(M, 1, ["f1"], Holders(model=M, gpu=("g1",)), strategy="pull_from_store")
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     n=st.integers(0, 8),
