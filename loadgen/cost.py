@@ -111,6 +111,15 @@ def router_points(samples: Sequence[MetricSample], model: str) -> list[RouterPoi
     for s in sorted(samples, key=lambda s: s.received):
         if s.service != "router":
             continue
+        nested = s.values.get("models")
+        if isinstance(nested, Mapping) and isinstance(nested.get(model), Mapping):
+            # the router's own shape (shared.metrics_schema): values["models"][model][key]
+            entry = nested[model]
+            point = RouterPoint(s.received, _number(entry.get("queue_depth")),
+                                _number(entry.get("instances")))
+            if point.queue_depth is not None or point.instances is not None:
+                out.append(point)
+            continue
         queue = s.values.get("queue_depth", s.values.get("queued"))
         point = RouterPoint(s.received, _per_model(queue, model),
                             _per_model(s.values.get("instances"), model))

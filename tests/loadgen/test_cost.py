@@ -44,9 +44,14 @@ def test_assigned_flags_held_between_snapshots() -> None:
 def test_router_points_per_model_or_total() -> None:
     r = [MetricSample(1.0, "router", "r1", {"queue_depth": {"m": 4, "x": 9}, "instances": {"m": 2}}),
          MetricSample(2.0, "router", "r1", {"queued": {"x": 1, "y": 2}, "instances": 3}),
-         MetricSample(3.0, "router", "r1", {"unrelated": 1})]
+         MetricSample(3.0, "router", "r1", {"unrelated": 1}),
+         # the router's shape (shared.metrics_schema): one map per model
+         MetricSample(4.0, "router", "r1", {"models": {"m": {"queue_depth": 5, "instances": 1,
+                                                             "rps": 2.0}, "x": {}}}),
+         MetricSample(5.0, "router", "r1", {"models": {"x": {"queue_depth": 7}}})]
     points = router_points(r, "m")
-    assert [(p.time, p.queue_depth, p.instances) for p in points] == [(1.0, 4.0, 2.0), (2.0, 3.0, 3.0)]
+    assert [(p.time, p.queue_depth, p.instances) for p in points] == [
+        (1.0, 4.0, 2.0), (2.0, 3.0, 3.0), (4.0, 5.0, 1.0)]
 
 
 async def test_watcher_collects_snapshots_over_nats(nats_server: NatsServer) -> None:
