@@ -34,6 +34,11 @@ Executor (``service == "executor"``)::
         "model_assigned_s": float,  # cost: seconds this executor has had a model assigned
     }
 
+Scaler (``service == "scaler"``), per deployed model (summed over its deployments)::
+
+    values["desired_instances"] = {"<model>": int}   # what the policy wants now
+    values["ready_instances"] = {"<model>": int}     # instances whose copy is complete
+
 Transfer (``service == "transfer"``)::
 
     values["transfers"] = {        # multicasts in progress; a finished one leaves the map
@@ -49,7 +54,9 @@ model). Kinds the dashboard reads specially:
 
 * ``transfer.progress``: ``data = {"transfer_id", "strategy", "receivers": {eid: {"bytes_done",
   "bytes_total"}}}`` — same shape as one entry of the transfer snapshot;
-* ``transfer.done`` / ``transfer.failed``: ``data = {"transfer_id"}``.
+* ``transfer.done`` / ``transfer.failed``: ``data = {"transfer_id"}``;
+* ``request.routed`` (the router, one per request placed): not logged — a burst of them would
+  push every scaling decision off the screen.
 
 Any other kind (``scale.out``, ``scale.in``, ``instance.up``, ``instance.down`` ...) is shown as
 a line of the event log with its ``reason``. :class:`~shared.messages.LayerReadiness` messages
@@ -65,6 +72,7 @@ from typing import Any
 ROUTER = "router"
 EXECUTOR = "executor"
 TRANSFER = "transfer"
+SCALER = "scaler"
 
 # --- router -----------------------------------------------------------------------------------
 ROUTER_MODELS = "models"
@@ -87,6 +95,10 @@ EXEC_TOKENS_PER_S = "tokens_per_s"
 EXEC_BUSY_FRACTION = "busy_fraction"
 EXEC_MODEL_ASSIGNED_S = "model_assigned_s"
 
+# --- scaler -----------------------------------------------------------------------------------
+SCALER_DESIRED = "desired_instances"
+SCALER_READY = "ready_instances"
+
 # --- transfer ---------------------------------------------------------------------------------
 TRANSFER_TRANSFERS = "transfers"
 TRANSFER_MODEL = "model"
@@ -100,6 +112,7 @@ EVENT_TRANSFER_PROGRESS = "transfer.progress"
 EVENT_TRANSFER_DONE = "transfer.done"
 EVENT_TRANSFER_FAILED = "transfer.failed"
 EVENT_TRANSFER_ID = "transfer_id"
+EVENT_REQUEST_ROUTED = "request.routed"
 
 
 # --- tolerant readers -------------------------------------------------------------------------

@@ -178,3 +178,24 @@ def test_any_values_render_and_serialise(service: str, values: dict, data: dict)
     json.dumps(view.to_dict(), allow_nan=True)
     console = Console(width=120, height=40, file=io.StringIO())
     console.print(dashboard(view, "nats://x", 40))
+
+
+def test_scaler_names_deployed_models_even_at_zero_instances() -> None:
+    state = DashboardState()
+    scaler = MetricsSnapshot(service="scaler", instance_id="scaler-0", started_at=T0 - 9, time=T0,
+                             values={"desired_instances": {"idle-model": 0, "busy": 3},
+                                     "ready_instances": {"idle-model": 0, "busy": 1,
+                                                         "only-ready": 2}})
+    feed(state, [scaler, router_snapshot(T0, {"busy": {"instances": 1, "pipelines": 2}})])
+    rows = {r.model: r for r in state.view(T0 + 1).models}
+    assert set(rows) == {"busy", "idle-model", "only-ready"}
+    assert (rows["busy"].desired, rows["busy"].instances, rows["busy"].pipelines) == (3, 1, 2)
+    assert (rows["idle-model"].desired, rows["idle-model"].instances) == (0, None)
+    assert rows["only-ready"].desired is None
+
+
+def test_per_request_events_stay_out_of_the_log() -> None:
+    state = DashboardState()
+    feed(state, [event(T0, "request.routed", model="m", reason="new", source="router/r")
+                 for _ in range(50)] + [event(T0, "scale.out", model="m", reason="queue")])
+    assert [e.kind for e in state.view(T0).events] == ["scale.out"]

@@ -72,14 +72,15 @@ def models_table(rows: Sequence[ModelRow]) -> Table:
     table = Table(title="models", title_justify="left", expand=True, pad_edge=False)
     for name, justify in (("model", "left"), ("req/s", "right"), ("queue", "right"),
                           ("TTFT p50", "right"), ("TTFT p99", "right"), ("instances", "right"),
-                          ("pipelines", "right"), ("executors", "right"), ("GPU·s", "right")):
+                          ("desired", "right"), ("pipelines", "right"), ("executors", "right"),
+                          ("GPU·s", "right")):
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for r in rows:
         table.add_row(Text(r.model, style="bold"), _num(r.rps), _int(r.queue_depth),
-                      _ms(r.ttft_p50), _ms(r.ttft_p99), _int(r.instances), _int(r.pipelines),
-                      str(r.executors), f"{r.cost_s:.0f}")
+                      _ms(r.ttft_p50), _ms(r.ttft_p99), _int(r.instances), _int(r.desired),
+                      _int(r.pipelines), str(r.executors), f"{r.cost_s:.0f}")
     if not rows:
-        table.add_row(Text("no model seen yet", style="dim"), *([""] * 8))
+        table.add_row(Text("no model seen yet", style="dim"), *([""] * 9))
     return table
 
 

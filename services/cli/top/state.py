@@ -20,8 +20,9 @@ from shared import metrics_schema as ms
 from shared.errors import DecodeError
 from shared.messages import Event, LayerReadiness, MetricsSnapshot, decode_any
 
-# transfer.progress events update the transfer panel; one log line each would drown the log
-QUIET_EVENT_KINDS = frozenset({ms.EVENT_TRANSFER_PROGRESS})
+# transfer.progress events update the transfer panel, and request.routed comes once per request:
+# one log line each would drown the scaling decisions the log is for
+QUIET_EVENT_KINDS = frozenset({ms.EVENT_TRANSFER_PROGRESS, ms.EVENT_REQUEST_ROUTED})
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelRow:
     ttft_p99: float | None = None
     instances: int | None = None
     pipelines: int | None = None
+    desired: int | None = None  # instances the scaler wants
     executors: int = 0  # live executors with the model assigned
     cost_s: float = 0.0  # their model_assigned_s, summed
 
@@ -328,6 +330,15 @@ class DashboardState:
                 _combine(f, "ttft_p99", ms.number(v.get(ms.MODEL_TTFT_P99)), max)
                 _combine(f, "instances", ms.count(v.get(ms.MODEL_INSTANCES)), max)
                 _combine(f, "pipelines", ms.count(v.get(ms.MODEL_PIPELINES)), max)
+        # The scaler names every deployed model, so a model scaled to zero still has a row.
+        for (service, _), seen in live.items():
+            if service != ms.SCALER:
+                continue
+            values = ms.mapping(seen.snapshot.values)
+            for model in ms.mapping(values.get(ms.SCALER_READY)):
+                figures.setdefault(model, {})
+            for model, raw in ms.mapping(values.get(ms.SCALER_DESIRED)).items():
+                _combine(figures.setdefault(model, {}), "desired", ms.count(raw), max)
         for row in executors:
             if row.model is not None:
                 f = figures.setdefault(row.model, {})
