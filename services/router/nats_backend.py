@@ -15,6 +15,18 @@ Everything here is a shell around the pure :class:`~services.router.routing.Rout
   ``load_report_interval_s``; lifecycle events ``request.routed``, ``pipeline.up`` and
   ``pipeline.down`` through the ``emit`` callback.
 
+Switch-over when a copy completes
+    When an executor's copy becomes complete, the table makes it a local instance and rebuilds
+    the plan; pipelines left out of the new plan that can still run are *retired*
+    (``pipeline.down``, state ``retired``): they take no new requests, and new requests
+    prefer the local instance. Requests already running in a
+    retired pipeline **finish in the pipeline** (their stages still hold the layers and the
+    KV); they are not moved. Only a pipeline that *breaks* (a stage lost layers or vanished)
+    moves its requests: they are re-dispatched to another route with the prompt plus the
+    tokens generated so far as the new prompt (re-prefill, no KV hand-over), keeping the
+    remaining ``max_tokens``. ``tests/e2e/test_execute_while_load.py`` shows both halves:
+    requests answered through pipelines before any copy was whole, later ones ``via=local``.
+
 Token streams
     Each attempt of a request gets its own reply subject,
     ``router_tokens(router_id).<request_id>.<attempt>``, all received by one subscription on
