@@ -152,7 +152,23 @@ class ModelCatalog:
             self._tokenizers.pop(gone, None)
         self._entries = entries
         self._fetched_at = self._clock()
+        for name in entries:
+            if name not in self._tokenizers:
+                self._prefetch_tokenizer(name)
         return entries
+
+    def _prefetch_tokenizer(self, name: str) -> None:
+        """Build a servable model's tokenizer now, not on its first request: building one
+        imports transformers (seconds on a busy CPU), which a cold start must not add to the
+        first requests' latency. A failure is logged; :meth:`tokenizer` tries again."""
+        task = asyncio.ensure_future(self._load_tokenizer(name))
+        self._tokenizers[name] = task
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("tokenizer prefetch failed", model=name, error=str(t.exception()))
+
+        task.add_done_callback(done)
 
     # --- the calls -----------------------------------------------------------------------
 
