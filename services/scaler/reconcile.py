@@ -485,7 +485,9 @@ def settle_pending(
             continue
         if op.kind in ("assign", "adopt") and all(e in instances for e in op.executors):
             continue
-        if op.kind in ("release", "forget") and all(
+        # A demotion is carried out by its release (one request): it settles with it, or
+        # its executor would stay "busy" (never free) until the pending timeout.
+        if op.kind in ("release", "forget", "demote") and all(
             e not in instances or instances[e].state is InstanceState.DRAINING
             for e in op.executors
         ):

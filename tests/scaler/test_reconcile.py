@@ -230,9 +230,11 @@ def test_settle_pending() -> None:
         PendingOp("release:a:e3", "release", "a", ("e3",), NOW),  # not yet
         PendingOp("multicast:ma:e3", "startmulticast", "a", ("e3",), NOW),  # ready: settled
         PendingOp("demote:ma:e9", "demote", "a", ("e9",), NOW - 100),  # timed out
+        PendingOp("demote:ma:e1", "demote", "a", ("e1",), NOW),  # draining: settled
+        PendingOp("demote:ma:e3", "demote", "a", ("e3",), NOW),  # not yet
     )
     kept = settle_pending(pending, table, NOW, timeout_s=30.0)
-    assert [op.key for op in kept] == ["assign:a:e2", "release:a:e3"]
+    assert [op.key for op in kept] == ["assign:a:e2", "release:a:e3", "demote:ma:e3"]
 
 
 def test_instance_record_round_trip() -> None:
