@@ -9,8 +9,10 @@ Caching
     The model list is served from a cache and refreshed in the background once it is older than
     ``ttl_s`` (stale-while-revalidate), because the HTTP app looks the model up on every request
     and a store round trip there would be pure router overhead. Only the very first call (no
-    cache yet) waits for the store. A store that stops answering leaves the last good list in
-    place. Manifests are fetched once per model name; tokenizers are built once per model.
+    cache yet) waits for the store, and a name missing from a list older than
+    ``MISS_RECHECK_S`` (a model deployed a moment ago) waits for one refresh before its 404.
+    A store that stops answering leaves the last good list in place. Manifests are fetched
+    once per model name; tokenizers are built once per model.
 
 Which models are servable
     Models the store holds that are deployed (a deployment names the model). When no scaler
@@ -47,6 +49,9 @@ TOKENIZER_FILES = (
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json",
 )
+
+
+MISS_RECHECK_S = 0.5  # a name missing from a list older than this triggers one refresh
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,14 @@ class ModelCatalog:
 
     async def entry(self, name: str) -> CatalogEntry:
         entry = (await self.models()).get(name)
+        if entry is None and self._clock() - self._fetched_at > MISS_RECHECK_S:
+            # A model deployed since the list was fetched is not in the cached list yet: one
+            # fresh look before a 404 (shared by concurrent misses, and at most once per
+            # MISS_RECHECK_S, so requests for unknown names cannot flood the store).
+            try:
+                entry = (await self._refreshed()).get(name)
+            except Unavailable:
+                entry = None
         if entry is None:
             raise ModelNotFound(f"the model {name!r} does not exist", param="model")
         return entry
