@@ -55,18 +55,26 @@ class ModelLoad:
 
     queued: int = 0
     instances: tuple[InstanceLoad, ...] = ()
+    # Requests running, each counted once (None: the sum over instances). A request in a
+    # pipeline is outstanding on every stage's executor, but it is one request of demand.
+    requests_running: int | None = None
 
     def __post_init__(self) -> None:
         if self.queued < 0:
             raise InvalidParameter(f"queued must be >= 0, got {self.queued}", field="queued")
+        if self.requests_running is not None and self.requests_running < 0:
+            raise InvalidParameter(f"requests_running must be >= 0, got "
+                                   f"{self.requests_running}", field="requests_running")
 
     @property
     def running(self) -> int:
+        if self.requests_running is not None:
+            return self.requests_running
         return sum(i.running for i in self.instances)
 
     @property
     def outstanding(self) -> int:
-        return self.queued + sum(i.outstanding for i in self.instances)
+        return self.queued + self.running + sum(i.queued for i in self.instances)
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,10 @@ def snapshot_from_reports(
         remainder = running.get(model, 0) - sum(loads.values())
         if remainder > 0:
             instances.append(InstanceLoad(UNATTRIBUTED, running=remainder))
-        models[model] = ModelLoad(queued=queued.get(model, 0), instances=tuple(instances))
+        # The routers' running counts are requests; per-instance figures count a pipeline's
+        # request once per stage, so they only attribute load, never add demand.
+        models[model] = ModelLoad(queued=queued.get(model, 0), instances=tuple(instances),
+                                  requests_running=running.get(model))
     return LoadSnapshot(time=now, models=models)
 
 

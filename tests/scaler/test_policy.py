@@ -251,3 +251,18 @@ def test_snapshot_from_router_reports_adds_routers_and_drops_stale_ones() -> Non
     assert snap.for_model("x").outstanding == 4
     decision, _ = decide(spec(max_=10, target=1), snap, PolicyState(), 100.0)
     assert decision.desired == 9
+
+
+def test_snapshot_counts_a_pipeline_request_once() -> None:
+    from services.scaler.policy import snapshot_from_reports
+    from shared.messages import LoadReport
+
+    # 4 requests run through the pipeline e1 -> e2: each executor carries all 4.
+    report = LoadReport("r", time=100.0, queued={MODEL: 2}, running={MODEL: 4},
+                        per_instance={MODEL: {"e1": 4, "e2": 4}})
+    m = snapshot_from_reports([report], now=100.0).for_model(MODEL)
+    assert {i.instance_id: i.running for i in m.instances} == {"e1": 4, "e2": 4}
+    assert m.running == 4 and m.outstanding == 6
+    decision, _ = decide(spec(max_=10, target=2), snapshot_from_reports([report], 100.0),
+                         PolicyState(), 100.0)
+    assert decision.desired == 3  # ceil(6 / 2), not ceil(10 / 2)
