@@ -44,7 +44,7 @@ BLOCKS = 8
 SEND_RATE_MBIT = "16"
 SPEC = TinySpec(num_layers=8, hidden_size=128, num_heads=4, num_kv_heads=2,
                 intermediate_size=512, vocab_size=512, seed=3)
-BURST = 12
+BURST = 6  # with a target of 1 request per instance: 3 instances wanted (the max)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
@@ -170,6 +170,7 @@ class Terminal:
         started = self._tmux("-u", "new-session", "-d", "-x", "200", "-y", "50",
                              f"{command}; sleep 60")
         assert started.returncode == 0, started.stderr
+        self.socket_path = self._tmux("display-message", "-p", "#{socket_path}").stdout.strip()
 
     def _tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["tmux", "-L", self.socket, *args], env=self.env,
@@ -180,6 +181,8 @@ class Terminal:
 
     def close(self) -> None:
         self._tmux("kill-server")
+        if self.socket_path:  # kill-server leaves the socket file behind
+            Path(self.socket_path).unlink(missing_ok=True)
 
 
 async def burst(url: str, n: int) -> list[int]:
@@ -200,7 +203,8 @@ async def test_top_shows_a_live_scale_out(tmp_path: Path) -> None:
     captures_dir.mkdir(parents=True, exist_ok=True)
     state_dir = tmp_path / "state"
     env = {**os.environ, "LSCALE_STATE_DIR": str(state_dir),
-           "LSCALE_SEND_RATE_MBIT": SEND_RATE_MBIT, "LSCALE_METRICS_INTERVAL_S": "0.25"}
+           "LSCALE_SEND_RATE_MBIT": SEND_RATE_MBIT, "LSCALE_METRICS_INTERVAL_S": "0.25",
+           "LSCALE_DRAIN_TIMEOUT_S": "3"}
     env.pop("LSCALE_NATS_URL", None)
     started = time.monotonic()
 
@@ -278,6 +282,10 @@ async def test_top_shows_a_live_scale_out(tmp_path: Path) -> None:
         assert part_way is not None, f"never saw the multicast part-way:\n{last}"
         assert with_pipelines is not None, f"never saw a pipeline:\n{last}"
         assert final is not None, f"never settled at {EXECUTORS} local instances:\n{last}"
+        # requests that started on the pipeline finish there; meanwhile, the settled cluster
+        after_json = asyncio.create_task(asyncio.to_thread(
+            run_cli, env, "top", "--once", "--json", "--window", "1.5",
+            "--state-dir", str(state_dir)))
         assert sorted(await asyncio.wait_for(requests, 30)) == [200] * BURST
 
         # the instances column only grows during the scale-out, from 0 to every executor
@@ -301,13 +309,12 @@ async def test_top_shows_a_live_scale_out(tmp_path: Path) -> None:
         assert len(totals) == 1 and totals.pop() > BLOCKS << 19  # ~1 MiB blocks
         assert all(0 <= r["bytes_done"] <= r["bytes_total"] for r in transfer["receivers"])
 
-        after = json.loads(run_cli(env, "top", "--once", "--json", "--window", "1.5",
-                                   "--state-dir", str(state_dir)))
+        after = json.loads(await asyncio.wait_for(after_json, 30))
         phase("--once --json")
         (row,) = [m for m in after["models"] if m["model"] == MODEL]
         assert (row["instances"], row["pipelines"], row["desired"], row["executors"]) == \
             (EXECUTORS, 0, EXECUTORS, EXECUTORS)
-        assert row["queue_depth"] == 0 and row["ttft_p50"] is not None
+        assert row["queue_depth"] == 0 and row["ttft_p50"] is not None and row["ttft_p50"] > 0
         assert after["transfers"] == []
         executors: list[dict[str, Any]] = after["executors"]
         assert len(executors) == EXECUTORS
