@@ -51,7 +51,7 @@ TOKENIZER_FILES = (
 )
 
 
-MISS_RECHECK_S = 0.5  # a name missing from a list older than this triggers one refresh
+MISS_RECHECK_S = 0.1  # a name missing from a list older than this triggers one refresh
 
 
 @dataclass(frozen=True)
