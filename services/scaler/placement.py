@@ -155,24 +155,33 @@ def plan_scale_out(
     receivers = tuple(e for e in chosen if e not in host_holders)
     shortfall = n - len(chosen)
 
-    multicast: MulticastRequest | None = None
-    if receivers:
-        # pull_from_store is the ServerlessLLM-style baseline: every new instance reads the
-        # checkpoint from the store, never from running instances or their host copies
-        tier, sources = _best_sources(holders, receivers,
-                                      store_only=strategy == PULL_FROM_STORE)
-        # More pipelines than receivers would leave sources idle.
-        k = min(len(sources), len(receivers), max_sources or len(sources))
-        multicast = MulticastRequest(
-            model=model,
-            sources=sources[:k],
-            receivers=receivers,
-            source_tier=tier,
-            strategy=strategy,
-        )
+    multicast = plan_multicast(holders, receivers, strategy=strategy,
+                               max_sources=max_sources) if receivers else None
     return PlacementPlan(
         model=model, requested=n, local_loads=local, multicast=multicast, shortfall=shortfall
     )
+
+
+def plan_multicast(
+    holders: Holders,
+    receivers: Sequence[str],
+    *,
+    strategy: str = DEFAULT_STRATEGY,
+    max_sources: int | None = None,
+) -> MulticastRequest:
+    """The multicast that fills ``receivers`` from the fastest tier holding the model (raises
+    :class:`PlanError` when nothing holds it). Scale-out uses it, and so does the re-drive of
+    receivers whose multicast was never started (a scaler killed in between)."""
+    chosen = tuple(dict.fromkeys(receivers))
+    if not chosen:
+        raise InvalidParameter("receivers: a multicast needs at least one", field="receivers")
+    # pull_from_store is the ServerlessLLM-style baseline: every new instance reads the
+    # checkpoint from the store, never from running instances or their host copies
+    tier, sources = _best_sources(holders, chosen, store_only=strategy == PULL_FROM_STORE)
+    # More pipelines than receivers would leave sources idle.
+    k = min(len(sources), len(chosen), max_sources or len(sources))
+    return MulticastRequest(model=holders.model, sources=sources[:k], receivers=chosen,
+                            source_tier=tier, strategy=strategy)
 
 
 def _best_sources(holders: Holders, receivers: tuple[str, ...], *, store_only: bool = False

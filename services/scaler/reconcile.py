@@ -363,7 +363,7 @@ def reconcile(view: ClusterView) -> ReconcileResult:
         deficit = want - len(members.get(name, set()))
         if deficit <= 0:
             continue
-        holders = _holders(view, spec.model, records, free)
+        holders = model_holders(view, spec.model, records, free)
         try:
             plan = plan_scale_out(spec.model, deficit, free, holders, strategy=view.strategy)
         except PlanError as exc:
@@ -441,9 +441,11 @@ def _is_ready(view: ClusterView, records: Mapping[str, InstanceRecord], eid: str
     return report is not None and report.ready
 
 
-def _holders(
+def model_holders(
     view: ClusterView, model: str, records: Mapping[str, InstanceRecord], free: Sequence[str]
 ) -> Holders:
+    """Who holds ``model``, fastest tier first: ready instances (GPU), executors' host copies
+    (free executors first), the store's memory and disk."""
     gpu = [
         e
         for e in sorted(records)

@@ -13,7 +13,17 @@ requests queued for a model), one *tick*:
    decision, the previous desired count holds);
 5. runs :func:`reconcile.reconcile` and carries out its actions, each in its own task so a
    slow executor never stalls the loop. An instance row is written to the KV bucket *before*
-   the assignment is sent, which is what keeps a restarted scaler from assigning twice.
+   the assignment is sent, which is what keeps a restarted scaler from assigning twice;
+6. re-drives ``loading`` rows that no multicast feeds (:mod:`services.scaler.redrive`: a
+   scaler killed between its assignments and its ``TRANSFER_START``, a receiver a finished
+   transfer gave up on): at most every ``redrive_after_s`` it asks the transfer service
+   (``TRANSFER_STATUS`` ``{"model": m}``) whether a multicast covers them, and if none does,
+   asks each receiver's status for its region and starts one (sources in tier order, as a
+   scale-out picks them). Nobody is assigned again.
+
+``SCALER_DEPLOY`` checks the model with the store first: ``ModelNotFound`` when the store
+says it has no such model; when the store does not answer, the deployment is stored and the
+reply (and the ``deployment.created`` event) carry ``store_check`` saying it is unconfirmed.
 
 Wire contract with the other services (messages in ``shared/messages.py``):
 
@@ -31,6 +41,8 @@ Wire contract with the other services (messages in ``shared/messages.py``):
   before their first metrics snapshot).
   Executors publish metrics (keys :data:`observe.METRIC_KEYS`; ``model`` is None when free)
   and :class:`LayerReadiness`; an instance is ready when every layer is reported ready.
+* transfer ``TRANSFER_STATUS`` request ``{"model": m}`` -> ``{transfer_id: {"state",
+  "model", "receivers", "started", "completed" (once ended)}}``.
 * transfer ``TRANSFER_START`` request: :class:`StartTransfer` (``regions`` from the receivers'
   assign replies, ``num_blocks`` from the manifest, ``parts`` = ``multicast_parts``) plus the
   extra keys ``source_tier``, ``deployment``, ``key``; any ok reply (a
@@ -60,7 +72,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from services.scaler import observe
+from services.scaler import observe, redrive
 from services.scaler.deployment import KV_PREFIX as DEPLOYMENT_KV_PREFIX
 from services.scaler.deployment import DeploymentSpec, kv_key
 from services.scaler.events import (
@@ -71,7 +83,7 @@ from services.scaler.events import (
 )
 from services.scaler.kv_mirror import KvMirror
 from services.scaler.observe import Observation
-from services.scaler.placement import DEFAULT_STRATEGY, STORE_SOURCE_ID, Tier
+from services.scaler.placement import DEFAULT_STRATEGY, STORE_SOURCE_ID, Tier, plan_multicast
 from services.scaler.policy import (
     Decision,
     LoadSnapshot,
@@ -100,6 +112,7 @@ from services.scaler.reconcile import (
     Release,
     StartMulticast,
     StoreHoldings,
+    model_holders,
     reconcile,
     settle_pending,
 )
@@ -115,6 +128,7 @@ from shared.errors import (
     LScaleError,
     ModelNotFound,
     NoResponders,
+    PlanError,
     RequestTimeout,
 )
 from shared.kv import bucket, kv_delete, kv_get, kv_put
@@ -165,6 +179,9 @@ class ScalerConfig(ServiceConfig):
         default=60.0, metadata={"help": "an unsettled operation is retried after this"})
     retry_backoff_s: float = field(
         default=5.0, metadata={"help": "pause before retrying a failed scale-out"})
+    redrive_after_s: float = field(
+        default=2.0, metadata={"help": "a loading instance this old with no multicast running "
+                                       "for it gets one (checked at most this often)"})
     strategy: str = field(default=DEFAULT_STRATEGY, metadata={"help": "multicast strategy"})
     transport: str = field(default="tcp", metadata={"help": "data-plane transport: tcp|shm|rdma"})
     multicast_parts: int = field(
@@ -185,7 +202,7 @@ class ScalerConfig(ServiceConfig):
                      "discovery_interval_s", "assign_timeout_s", "release_timeout_s",
                      "transfer_timeout_s", "store_timeout_s", "manifest_ttl_s",
                      "loading_timeout_s", "draining_timeout_s", "pending_timeout_s",
-                     "executor_idle_s"):
+                     "executor_idle_s", "redrive_after_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")
         for name in ("report_grace_s", "retry_backoff_s"):
@@ -296,6 +313,8 @@ class ScalerService(Service[ScalerConfig]):
         self._provisioned: dict[str, float] = {}  # executor id -> when we started it
         self._free_since: dict[str, float] = {}
         self._provisioning = False
+        self._redriving = False
+        self._redrive_checked: dict[str, float] = {}  # executor -> when its row was checked
 
     # --- set-up ---------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -406,11 +425,27 @@ class ScalerService(Service[ScalerConfig]):
             raise InvalidParameter(
                 f"model: deployment {spec.name!r} serves {existing.model!r}; undeploy it "
                 f"before deploying {spec.model!r} under that name", field="model")
+        # A model the store does not have would only be blocked later (model_not_found):
+        # refuse it now. A store that does not answer cannot tell; accept, and say so.
+        lookup = await fetch_manifest(self.bus, spec.model, self.config.store_timeout_s)
+        if lookup.problem == "not_found":
+            raise ModelNotFound(f"model {spec.model!r} is not in the model store (add it "
+                                f"with `lscale model add {spec.model} DIR` first)",
+                                model=spec.model, deployment=spec.name)
+        unchecked: dict[str, str] = {}
+        if lookup.manifest is not None:
+            self._manifests[spec.model] = lookup
+        else:
+            unchecked["store_check"] = (f"{lookup.problem}: the model store could not confirm "
+                                        f"model {spec.model!r} ({lookup.detail})")
+            self.log.warning("deployed a model the store could not confirm", model=spec.model,
+                             problem=lookup.problem, detail=lookup.detail)
         await self._kv_put(self.deployments_kv, spec.kv_key, spec.to_dict())
         await self.emit("deployment.updated" if existing else "deployment.created",
-                        reason="operator", model=spec.model, deployment=spec.to_dict())
+                        reason="operator", model=spec.model, deployment=spec.to_dict(),
+                        **unchecked)
         self._wake.set()
-        return spec.to_dict()
+        return {**spec.to_dict(), **unchecked}
 
     async def _existing_spec(self, name: str) -> DeploymentSpec | None:
         # A direct read, not the mirror: a deploy right before must be seen.
@@ -504,15 +539,7 @@ class ScalerService(Service[ScalerConfig]):
                 self.spawn(self._ask_status(rec.id), f"status-{rec.id}")
 
     async def _ask_status(self, executor_id: str) -> None:
-        try:
-            status = await self.bus.request(subjects.exec_ctl(executor_id), {"op": "status"},
-                                            reply_type=ExecutorStatus,
-                                            timeout=self.config.release_timeout_s)
-        except LScaleError as exc:
-            self.log.info("executor status unavailable", executor=executor_id, error=str(exc))
-            return
-        self._observations[executor_id] = observe.from_status(
-            self._observations.get(executor_id), status, time.time(), self._model_bytes())
+        await self._status_of(executor_id)
 
     # --- the loop ---------------------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
@@ -576,6 +603,7 @@ class ScalerService(Service[ScalerConfig]):
         await self._announce_plans(result, dropped, now)
         if actions:
             self._carry_out(actions, records, now)
+        self._maybe_redrive(records, view, now)
         if self._provisioner is not None:
             self._provision(result, reports, records, now)
 
@@ -980,6 +1008,108 @@ class ScalerService(Service[ScalerConfig]):
         if record is not None:
             event = dataclasses.replace(event, model=record.model)
         self._publish(event)
+
+    # --- re-driving multicasts nobody runs (see services/scaler/redrive.py) -----------------
+    def _maybe_redrive(self, records: Mapping[str, InstanceRecord], view: ClusterView,
+                       now: float) -> None:
+        for eid in list(self._redrive_checked):
+            if eid not in records:
+                del self._redrive_checked[eid]
+        if self._redriving:
+            return
+        rows = redrive.stalled_rows(records, self._observations, now,
+                                    after_s=self.config.redrive_after_s,
+                                    busy=frozenset(self._inflight),
+                                    checked=self._redrive_checked)
+        if not rows:
+            return
+        for record in rows:
+            self._redrive_checked[record.executor_id] = now
+        self._redriving = True
+        self.spawn(self._redrive(rows, view), "redrive")
+
+    async def _redrive(self, rows: list[InstanceRecord], view: ClusterView) -> None:
+        try:
+            for (deployment, model), group in redrive.by_deployment(rows).items():
+                await self._redrive_group(deployment, model, group, view)
+        finally:
+            self._redriving = False
+
+    async def _redrive_group(self, deployment: str, model: str, rows: list[InstanceRecord],
+                             view: ClusterView) -> None:
+        try:
+            raw = await self.bus.request(subjects.TRANSFER_STATUS, {"model": model},
+                                         timeout=self.config.transfer_timeout_s)
+        except LScaleError as exc:
+            # Without the transfer service's word a second multicast could double the first.
+            self.log.info("transfer status unavailable; loading rows not re-driven",
+                          model=model, error=str(exc))
+            return
+        transfers = [t for t in redrive.parse_transfers(raw) if t.model == model]
+        lost = redrive.uncovered(rows, transfers)
+        if not lost:
+            return
+        statuses = await asyncio.gather(*(self._status_of(r.executor_id) for r in lost))
+        regions = redrive.redrive_receivers(
+            lost, {r.executor_id: s for r, s in zip(lost, statuses, strict=True)})
+        # The table may have moved on while we asked (released, ready, given up).
+        wanted = {r.executor_id: r for r in lost}
+        for eid in list(regions):
+            current = self._records.get(eid)
+            if current != wanted[eid] or eid in self._inflight:
+                del regions[eid]
+        manifest = self._manifest(model)
+        if not regions or manifest is None:
+            return
+        try:
+            request = plan_multicast(model_holders(view, model, view.instances, ()),
+                                     sorted(regions), strategy=self.config.strategy)
+        except PlanError as exc:
+            self.log.warning("loading rows without a multicast and no source", model=model,
+                             error=exc.message)
+            return
+        receivers = list(request.receivers)
+        self.log.warning("loading instances had no multicast; starting one", model=model,
+                         deployment=deployment, receivers=receivers,
+                         sources=list(request.sources))
+        start = StartTransfer(model=model, sources=list(request.sources), receivers=receivers,
+                              regions=regions, num_blocks=len(manifest.get("blocks", [])),
+                              parts=self.config.multicast_parts, strategy=request.strategy)
+        key = f"redrive:{model}:{'+'.join(receivers)}"
+        body = {**start.to_wire(), "source_tier": request.source_tier.value,
+                "deployment": deployment, "key": key}
+        self._inflight.update(receivers)
+        try:
+            reply = await self.bus.request(subjects.TRANSFER_START, body,
+                                           timeout=self.config.transfer_timeout_s)
+        except LScaleError as exc:
+            # The rows stay; the next check (redrive_after_s) tries again.
+            self._publish(Event(kind="scale.multicast.failed", source=self._source,
+                                time=time.time(), reason=exc.code, model=model,
+                                data={"deployment": deployment, "key": key,
+                                      "error": exc.message, "receivers": receivers,
+                                      "redrive": True}))
+            return
+        finally:
+            self._inflight.difference_update(receivers)
+        transfer_id = reply.get("transfer_id") if isinstance(reply, dict) else None
+        self._publish(Event(kind="scale.multicast.started", source=self._source,
+                            time=time.time(), reason=request.source_tier.value, model=model,
+                            data={"deployment": deployment, "key": key,
+                                  "transfer_id": transfer_id, "receivers": receivers,
+                                  "sources": list(request.sources), "redrive": True}))
+
+    async def _status_of(self, executor_id: str) -> ExecutorStatus | None:
+        try:
+            status = await self.bus.request(subjects.exec_ctl(executor_id), {"op": "status"},
+                                            reply_type=ExecutorStatus,
+                                            timeout=self.config.release_timeout_s)
+        except LScaleError as exc:
+            self.log.info("executor status unavailable", executor=executor_id, error=str(exc))
+            return None
+        self._observations[executor_id] = observe.from_status(
+            self._observations.get(executor_id), status, time.time(), self._model_bytes())
+        return status
 
     # --- provisioning -----------------------------------------------------------------------
     def _provision(self, result: ReconcileResult, reports: Mapping[str, Any],

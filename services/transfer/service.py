@@ -74,12 +74,17 @@ class TransferService(Service[ServiceConfig]):
         return {"state": self.state, "id": self.id}
 
     async def _status(self, body: Any, msg: Any) -> dict[str, Any]:
+        """``{"transfer_id": t}`` -> that transfer; ``{"model": m}`` -> the transfers of ``m``
+        (a restarted scaler asks whether its loading receivers still have a multicast);
+        ``{}`` -> all. Each: state, model, receivers, started, and once ended completed."""
         tid = body.get("transfer_id") if isinstance(body, dict) else None
         if tid:
             if tid not in self.transfers:
                 raise TransferNotFound(f"no transfer {tid!r}")
             return {tid: self.transfers[tid]}
-        return dict(self.transfers)
+        model = body.get("model") if isinstance(body, dict) else None
+        return {t: info for t, info in self.transfers.items()
+                if not model or info["model"] == model}
 
     async def _start(self, req: StartTransfer, msg: Any) -> TransferStarted:
         missing = [r for r in req.receivers if r not in req.regions]
@@ -91,7 +96,8 @@ class TransferService(Service[ServiceConfig]):
         if tid in self.transfers and self.transfers[tid]["state"] == "running":
             raise BadRequest(f"transfer {tid!r} is already running")
         self.transfers[tid] = {"state": "running", "model": req.model, "ticks": plan.num_ticks,
-                               "strategy": req.strategy, "started": time.time()}
+                               "strategy": req.strategy, "started": time.time(),
+                               "receivers": list(req.receivers)}
         self.progress[tid] = MulticastProgress.start(
             req.model, req.strategy, list(plan.receivers), req.num_blocks * req.parts,
             req.regions)

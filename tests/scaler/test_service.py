@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ import pytest
 import pytest_asyncio
 from nats.aio.msg import Msg
 
+from services.scaler.reconcile import InstanceRecord, InstanceState
 from services.scaler.service import ScalerConfig, ScalerService
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import InvalidParameter, LScaleError, ModelNotFound, NoResponders
-from shared.kv import bucket, kv_get
+from shared.kv import bucket, kv_get, kv_put
+from shared.log import setup_logging
 from shared.messages import (
     Ack,
     AssignModel,
@@ -64,6 +67,7 @@ class FakeExecutor:
         self.fail_assign = fail_assign
         self.assigns: list[AssignModel] = []
         self.releases: list[tuple[ReleaseModel, list[str]]] = []
+        self.status_asked = 0
         self._handle: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -95,10 +99,7 @@ class FakeExecutor:
             else:
                 self.ready_layers = []
             await self.publish_readiness()
-            return AssignReply(executor_id=self.id, model=request.model,
-                               region={"transport": "tcp", "region_id": f"{self.id}-w",
-                                       "size": request.manifest["total_bytes"], "token": "t",
-                                       "address": {"host": "127.0.0.1", "port": 1}},
+            return AssignReply(executor_id=self.id, model=request.model, region=self.region(),
                                ready_layers=self.ready_layers)
         if op == "release":
             request_r = ReleaseModel.from_wire(body)
@@ -109,10 +110,17 @@ class FakeExecutor:
             await self.publish_readiness()
             return Ack()
         if op == "status":
+            self.status_asked += 1
             return ExecutorStatus(executor_id=self.id, device="cpu", model=self.model,
                                   num_layers=NUM_LAYERS if self.model else 0,
-                                  ready_layers=self.ready_layers, host_copies=self.host_copies)
+                                  ready_layers=self.ready_layers, host_copies=self.host_copies,
+                                  region=self.region() if self.model else {})
         raise InvalidParameter(f"unknown op {op!r}")
+
+    def region(self) -> dict[str, Any]:
+        """The descriptor of the weight buffer (one per assignment, as a real executor's)."""
+        return {"transport": "tcp", "region_id": f"{self.id}-w{len(self.assigns)}",
+                "size": MODEL_BYTES, "token": "t", "address": {"host": "127.0.0.1", "port": 1}}
 
     async def complete(self) -> None:
         """Every block arrived (what a finished multicast leaves behind)."""
@@ -142,16 +150,40 @@ class FakeTransfer:
     executors: dict[str, FakeExecutor]
     auto_complete: bool = True
     requests: list[dict[str, Any]] = field(default_factory=list)
+    started: list[float] = field(default_factory=list)
+    completed: set[str] = field(default_factory=set)
+    ended: set[int] = field(default_factory=set)  # indexes of requests whose transfer ended
+    status_asked: list[Any] = field(default_factory=list)
 
     async def handle(self, body: Any, msg: Msg) -> dict[str, Any]:
         self.requests.append(body)
+        self.started.append(time.time())
         if self.auto_complete:
             asyncio.get_running_loop().call_later(0.1, lambda: asyncio.ensure_future(
                 self.complete(body["receivers"])))
         return {"transfer_id": f"t{len(self.requests)}"}
 
+    async def status(self, body: Any, msg: Msg) -> dict[str, Any]:
+        """``TRANSFER_STATUS`` as the transfer service answers it (``{"model": m}`` filters);
+        a transfer runs until every receiver completed, or until marked ``ended``."""
+        self.status_asked.append(body)
+        out: dict[str, Any] = {}
+        for i, (request, at) in enumerate(zip(self.requests, self.started, strict=True)):
+            if body.get("model") and request["model"] != body["model"]:
+                continue
+            done = set(request["receivers"]) <= self.completed
+            ended = done or i in self.ended
+            out[f"t{i + 1}"] = {"state": "done" if done else "failed" if ended else "running",
+                                "model": request["model"], "receivers": request["receivers"],
+                                "started": at}
+            if ended:
+                out[f"t{i + 1}"]["completed"] = {r: 0.1 for r in request["receivers"]
+                                                 if r in self.completed}
+        return out
+
     async def complete(self, receivers: list[str]) -> None:
         for eid in receivers:
+            self.completed.add(eid)
             await self.executors[eid].complete()
 
 
@@ -202,12 +234,14 @@ class Cluster:
     events: list[Event]
     scaler: ScalerService | None = None
     handles: list[Any] = field(default_factory=list)
+    store_handle: Any = None
 
     def config(self, **overrides: Any) -> ScalerConfig:
         values: dict[str, Any] = dict(
             nats_url=self.server.url, instance_id="scaler-test", reconcile_interval_s=0.1,
             metrics_interval_s=0.2, discovery_interval_s=0.5, executor_timeout_s=2.0,
             report_grace_s=0.3, retry_backoff_s=0.3, load_max_age_s=1.0, drain_timeout_s=1.0,
+            redrive_after_s=0.3,
             log_level="warning", release_timeout_s=2.0, assign_timeout_s=2.0,
             transfer_timeout_s=2.0, store_timeout_s=1.0)
         values.update(overrides)
@@ -276,7 +310,8 @@ async def cluster(nats_server: NatsServer, bus: Bus) -> AsyncIterator[Cluster]:
         c.handles.append(await bus.subscribe(subjects.event(pattern), on_event,
                                              message_type=Event))
     c.handles.append(await bus.serve(subjects.TRANSFER_START, transfer.handle))
-    c.handles.append(await bus.serve(subjects.STORE_GET, store.handle))
+    c.handles.append(await bus.serve(subjects.TRANSFER_STATUS, transfer.status))
+    c.store_handle = await bus.serve(subjects.STORE_GET, store.handle)
     c.router.start()
     try:
         yield c
@@ -427,6 +462,8 @@ async def test_restarted_scaler_does_not_assign_twice(cluster: Cluster) -> None:
     await cluster.start_scaler(instance_id="scaler-test-2")
     await asyncio.sleep(1.0)  # ten ticks of the new scaler
     assert len(cluster.assigns()) == 2
+    # It asked whether a multicast feeds the loading rows; one does, so it started none.
+    assert {"model": "m"} in cluster.transfer.status_asked
     assert len(cluster.transfer.requests) == 1
     assert cluster.releases() == []
 
@@ -446,18 +483,41 @@ async def test_restarted_scaler_does_not_assign_twice(cluster: Cluster) -> None:
     assert len(cluster.assigns()) == 2
 
 
-async def test_store_problems_block_scale_out_with_a_reason(cluster: Cluster) -> None:
+async def test_deploy_checks_the_store_and_store_problems_block_scale_out(
+        cluster: Cluster) -> None:
     await cluster.add_executor("e0")
     await cluster.start_scaler()
-    await cluster.deploy(name="d", model="absent", max_instances=1)
+    kv = await bucket(cluster.bus, subjects.KV_DEPLOYMENTS)
+    # The store says it has no such model: refused at once, nothing stored.
+    with pytest.raises(ModelNotFound, match="model 'absent' is not in the model store"):
+        await cluster.deploy(name="d", model="absent", max_instances=1)
+    assert await kv_get(kv, "deployment.d") is None
+    assert cluster.kinds("deployment.created") == []
+
+    # No store answers: the deployment is taken, and the reply says it is unconfirmed.
+    await cluster.bus.unsubscribe(cluster.store_handle)
+    stored = await cluster.deploy(name="d", model="absent", max_instances=1)
+    assert stored["name"] == "d" and stored["model"] == "absent"
+    assert stored["store_check"].startswith("unavailable: ") and "'absent'" in \
+        stored["store_check"]
+    assert await kv_get(kv, "deployment.d") is not None
+    await wait_until(lambda: cluster.kinds("deployment.created"), what="created event")
+    assert cluster.kinds("deployment.created")[0].data["store_check"] == stored["store_check"]
     cluster.router.queued = {"absent": 1}
     await wait_until(lambda: cluster.kinds("scale.blocked"), what="blocked event")
-    blocked = cluster.kinds("scale.blocked")[0]
-    assert blocked.reason == "model_not_found" and blocked.model == "absent"
+    assert cluster.kinds("scale.blocked")[0].reason == "store_unavailable"
+
+    # The store is back, without the model: blocked for that reason, nothing assigned.
+    cluster.store_handle = await cluster.bus.serve(subjects.STORE_GET, cluster.store.handle)
+    await wait_until(lambda: any(e.reason == "model_not_found"
+                                 for e in cluster.kinds("scale.blocked")),
+                     what="model_not_found")
+    blocked = next(e for e in cluster.kinds("scale.blocked") if e.reason == "model_not_found")
+    assert blocked.model == "absent"
     await asyncio.sleep(0.3)
     assert cluster.assigns() == []
 
-    # The store appears with the model: the next manifest refresh unblocks the deployment.
+    # The store gets the model: the next manifest refresh unblocks the deployment.
     cluster.store.models.add("absent")
     await wait_until(lambda: cluster.assigns(), timeout=5, what="assign once the store has it")
     assert cluster.assigns()[0][1].model == "absent"
@@ -469,8 +529,8 @@ async def test_min_instances_without_router_reports(cluster: Cluster) -> None:
     await cluster.add_executor("e1")
     scaler = await cluster.start_scaler()
     await cluster.deploy(name="idle", model="m", max_instances=2, min_instances=0)
-    await cluster.deploy(name="floor", model="m2", max_instances=2, min_instances=1)
     cluster.store.models.add("m2")
+    await cluster.deploy(name="floor", model="m2", max_instances=2, min_instances=1)
     await wait_until(lambda: cluster.assigns(), what="the floor's instance")
     await asyncio.sleep(0.3)
     assert [a.model for _, a in cluster.assigns()] == ["m2"]  # the floor, nothing for idle
@@ -515,13 +575,116 @@ async def test_cli_deploy_list_undeploy(cluster: Cluster, capsys: pytest.Capture
     def run(*argv: str) -> int:
         return main([*argv, "--nats-url", url])
 
-    assert await asyncio.to_thread(run, "deploy", "m", "--max-instances", "2",
-                                   "--keep-alive", "3") == 0
-    assert "deployed m (model m, instances 0..2" in capsys.readouterr().out
-    assert await asyncio.to_thread(run, "deployments", "--json") == 0
-    assert '"keep_alive_s": 3.0' in capsys.readouterr().out
-    assert await asyncio.to_thread(run, "deploy", "x", "--max-instances", "0") == 1
-    assert "max_instances" in capsys.readouterr().err
-    assert await asyncio.to_thread(run, "undeploy", "m") == 0
-    assert await asyncio.to_thread(run, "undeploy", "m") == 1
-    assert "no deployment named 'm'" in capsys.readouterr().err
+    try:
+        assert await asyncio.to_thread(run, "deploy", "m", "--max-instances", "2",
+                                       "--keep-alive", "3") == 0
+        assert "deployed m (model m, instances 0..2" in capsys.readouterr().out
+        assert await asyncio.to_thread(run, "deployments", "--json") == 0
+        assert '"keep_alive_s": 3.0' in capsys.readouterr().out
+        assert await asyncio.to_thread(run, "deploy", "x", "--max-instances", "0") == 1
+        assert "max_instances" in capsys.readouterr().err
+        # a model the store does not have is refused, by name
+        assert await asyncio.to_thread(run, "deploy", "nowhere") == 1
+        assert "model 'nowhere' is not in the model store" in capsys.readouterr().err
+        assert await asyncio.to_thread(run, "undeploy", "m") == 0
+        assert await asyncio.to_thread(run, "undeploy", "m") == 1
+        assert "no deployment named 'm'" in capsys.readouterr().err
+    finally:
+        # main() pointed logging at this test's captured stderr, which closes with the test
+        setup_logging(level="warning", fmt="console", stream=sys.__stderr__)
+
+
+async def _rows_of_a_killed_scaler(cluster: Cluster, executors: list[str],
+                                   written_ago_s: float = 5.0) -> None:
+    """What a scaler SIGKILLed between its assignments and its TRANSFER_START leaves behind:
+    the deployment, ``loading`` rows, receivers assigned (empty buffers), and no multicast."""
+    deployments = await bucket(cluster.bus, subjects.KV_DEPLOYMENTS)
+    instances = await bucket(cluster.bus, subjects.KV_INSTANCES)
+    spec = {"name": "d", "model": "m", "min_instances": 0, "max_instances": len(executors),
+            "target_concurrency": 1.0, "keep_alive_s": 30.0}
+    await kv_put(deployments, "deployment.d", spec)
+    for eid in executors:
+        await kv_put(instances, f"instance.{eid}", InstanceRecord(
+            eid, "d", "m", InstanceState.LOADING, time.time() - written_ago_s,
+            "store_disk").to_dict())
+        assign = AssignModel(model="m", manifest=manifest("m"), load_from="none")
+        await cluster.bus.request(subjects.exec_ctl(eid), {"op": "assign", **assign.to_wire()})
+
+
+async def _all_ready(cluster: Cluster, n: int) -> bool:
+    rows = await cluster.instances()
+    return len(rows) == n and all(r["state"] == "ready" for r in rows.values())
+
+
+async def test_restarted_scaler_starts_the_multicast_its_predecessor_never_sent(
+        cluster: Cluster) -> None:
+    cluster.transfer.auto_complete = False
+    for i in range(3):
+        await cluster.add_executor(f"e{i}")
+    await _rows_of_a_killed_scaler(cluster, ["e0", "e1"])
+    cluster.router.queued = {"m": 2}
+    await cluster.start_scaler()
+
+    await wait_until(lambda: cluster.transfer.requests, what="the re-driven multicast")
+    request = cluster.transfer.requests[0]
+    assert sorted(request["receivers"]) == ["e0", "e1"]
+    assert request["sources"] == ["store"] and request["source_tier"] == "store_disk"
+    # the buffers the receivers were assigned (their status), not new ones
+    assert request["regions"] == {e: cluster.executors[e].region() for e in ("e0", "e1")}
+    typed = StartTransfer.from_wire(request)
+    assert typed.num_blocks == NUM_LAYERS and typed.model == "m"
+    await wait_until(lambda: cluster.kinds("scale.multicast.started"), what="started event")
+    started = cluster.kinds("scale.multicast.started")[0]
+    assert started.data["redrive"] is True and started.data["transfer_id"] == "t1"
+
+    await cluster.transfer.complete(request["receivers"])
+    await wait_until(lambda: _all_ready(cluster, 2), what="ready")
+    await asyncio.sleep(0.5)
+    # nobody assigned twice, nothing else assigned, one multicast
+    assert sorted(eid for eid, _ in cluster.assigns()) == ["e0", "e1"]
+    assert len(cluster.transfer.requests) == 1
+    assert cluster.kinds("scale.assign") == [] and cluster.releases() == []
+
+
+async def test_a_multicast_that_left_a_receiver_behind_is_driven_again(
+        cluster: Cluster) -> None:
+    # A live scaler: its multicast ends, but one receiver never completed (the transfer
+    # service gave up on it). The row is re-driven, no executor is assigned again.
+    cluster.transfer.auto_complete = False
+    for i in range(2):
+        await cluster.add_executor(f"e{i}")
+    await cluster.start_scaler()
+    await cluster.deploy(name="d", model="m", max_instances=2, keep_alive_s=30)
+    cluster.router.queued = {"m": 2}
+    await wait_until(lambda: len(cluster.transfer.requests) == 1, what="a multicast")
+    first = cluster.transfer.requests[0]
+    cluster.transfer.ended.add(0)
+    cluster.transfer.completed.update(first["receivers"])  # the transfer says: done ...
+    await cluster.executors["e0"].complete()  # ... but only e0 got every block
+    await asyncio.sleep(0.6)  # two re-drive checks: a "done" transfer covers its receivers
+    assert len(cluster.transfer.requests) == 1
+
+    cluster.transfer.completed.discard("e1")  # it ended with e1 failed
+    await wait_until(lambda: len(cluster.transfer.requests) == 2, what="the re-drive")
+    again = cluster.transfer.requests[1]
+    assert again["receivers"] == ["e1"]
+    # a running instance (e0) is the best source now
+    assert again["sources"] == ["e0"] and again["source_tier"] == "gpu"
+    await cluster.transfer.complete(["e1"])
+    await wait_until(lambda: _all_ready(cluster, 2), what="ready")
+    assert sorted(eid for eid, _ in cluster.assigns()) == ["e0", "e1"]
+
+
+async def test_no_re_drive_while_the_transfer_service_cannot_say(cluster: Cluster) -> None:
+    # Without the transfer service's word, a second multicast could double the first.
+    for handle in cluster.handles[-2:]:
+        await cluster.bus.unsubscribe(handle)  # TRANSFER_START and TRANSFER_STATUS
+    for i in range(2):
+        await cluster.add_executor(f"e{i}")
+    await _rows_of_a_killed_scaler(cluster, ["e0", "e1"])
+    await cluster.start_scaler()
+    await asyncio.sleep(1.0)
+    assert cluster.transfer.requests == [] and cluster.transfer.status_asked == []
+    assert sorted(eid for eid, _ in cluster.assigns()) == ["e0", "e1"]
+    assert cluster.releases() == []
+    assert len(await cluster.instances()) == 2
