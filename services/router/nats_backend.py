@@ -12,7 +12,9 @@ Everything here is a shell around the pure :class:`~services.router.routing.Rout
   the route's first executor (with the pipeline's ``stages``), and turns the
   :class:`~shared.messages.TokenChunk` stream into :class:`TokenEvent` s.
 * **load** — a :class:`~shared.messages.LoadReport` on ``SCALER_LOAD`` every
-  ``load_report_interval_s``; lifecycle events ``request.routed``, ``pipeline.up`` and
+  ``load_report_interval_s``, and at once (at most every ``_COLD_REPORT_GAP_S``) when a
+  request queues for a model with no instance and no pipeline, so that a scale from zero does
+  not wait for the next report; lifecycle events ``request.routed``, ``pipeline.up`` and
   ``pipeline.down`` through the ``emit`` callback.
 
 Switch-over when a copy completes
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import statistics
 import time
 from collections import deque
@@ -94,6 +97,7 @@ _ROUTE_FAILURES = (NoResponders, RequestTimeout, ShuttingDown, LayersNotReady, N
 _SWEEP_S = 0.25  # how often executor liveness is checked
 _RATE_WINDOW_S = 10.0  # requests per second are averaged over this window
 _TTFT_WINDOW_S = 60.0
+_COLD_REPORT_GAP_S = 0.05  # a cold-start load report goes out at most this often
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,8 @@ class NatsBackend:
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._cold_report_due = False  # a request queued for a model with no route at all
+        self._last_report = -math.inf
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -331,6 +337,9 @@ class NatsBackend:
         if assignment is None:
             loop = asyncio.get_running_loop()
             flight.waiting = loop.create_future()
+            plan = self.table.plan(flight.model)
+            if plan is None or not (plan.local or plan.pipelines):
+                self._cold_report_due = True  # tell the scaler now, not at the next report
             self._wake.set()
             try:
                 # the table expires the wait (housekeeping); this bound is only a backstop
@@ -575,10 +584,16 @@ class NatsBackend:
                         await self._drop_executor(
                             eid, f"no readiness or metrics for {now - seen:.1f} s")
                 self._dispatch_queued()
-                if now >= next_report:
+                cold = self._cold_report_due and now - self._last_report >= _COLD_REPORT_GAP_S
+                if now >= next_report or cold:
+                    self._cold_report_due = False
+                    self._last_report = now
                     next_report = now + self.settings.load_report_interval_s
                     await self._publish(subjects.SCALER_LOAD, self.load_report())
                 wait = min(_SWEEP_S, max(0.0, next_report - self._clock()))
+                if self._cold_report_due:
+                    gap_end = self._last_report + _COLD_REPORT_GAP_S
+                    wait = min(wait, max(0.0, gap_end - self._clock()))
                 deadline = self.table.next_deadline()
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - self._clock()))
