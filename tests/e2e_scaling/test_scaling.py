@@ -7,6 +7,9 @@
 2. SIGKILL of the scaler in the middle of a burst's scale-out (its multicast just started):
    ``lscale up`` restarts it, every request of the burst completes, and no executor is
    assigned twice.
+3. The same with the SIGKILL at the first ``scale.assign`` (rows written, assignments on
+   their way, the multicast not yet asked for): the restarted scaler finds loading rows that
+   no transfer feeds and starts their multicast itself (issue 7's re-drive).
 """
 
 from __future__ import annotations
@@ -16,13 +19,18 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 from services.scaler.deployment import DeploymentSpec
 from services.scaler.policy import LoadSnapshot, ModelLoad, PolicyState, decide
 from shared import subjects
 from shared.errors import NoResponders
+from shared.messages import Event
+from shared.model.tiny import TinySpec, create_tiny
 from tests.e2e_scaling.conftest import (
     SEND_RATE_MBIT,
     LocalCluster,
@@ -192,9 +200,8 @@ async def test_scaler_sigkill_mid_burst_loses_no_request_and_assigns_no_executor
         mark = watch.mark()
         load = asyncio.ensure_future(burst(cluster.http_url, spec.model, BURST, MAX_TOKENS))
         # Kill the scaler the moment its multicast has started: rows written, executors
-        # assigned, the weights on their way. (Killed between its assignments
-        # and its StartTransfer, the receivers wait for a multicast nobody starts: the
-        # known gap in the report of this suite.)
+        # assigned, the weights on their way. (Killed between its assignments and its
+        # StartTransfer: the next test.)
         await wait_for(lambda: watch.since(mark, "scale.multicast.started", spec.model), 15.0,
                        "the multicast")
         os.kill(old_pid, signal.SIGKILL)
@@ -233,3 +240,84 @@ def _restarted(cluster: LocalCluster, old_pid: int) -> bool:
         return cluster.service_pid("scaler") != old_pid
     except AssertionError:
         return False
+
+
+# ~1.6 MB: a multicast of a fraction of a second, so the burst waits on the scaler's recovery
+REDRIVE_MODEL = TinySpec(architecture="llama", num_layers=4, hidden_size=128, num_heads=4,
+                         num_kv_heads=2, intermediate_size=256, vocab_size=512, seed=5)
+
+
+@pytest.mark.slow
+async def test_scaler_sigkill_at_first_assign_multicast_is_re_driven(
+        scaling_cluster: LocalCluster, tmp_path: Path) -> None:
+    cluster = scaling_cluster
+    # A model of its own, held by no executor (no host copy): a multicast must fill them.
+    create_tiny(tmp_path / "ckpt", REDRIVE_MODEL)
+    added = cluster.lscale("model", "add", "redrive", str(tmp_path / "ckpt"), "--no-progress")
+    assert added.returncode == 0, added.stderr
+    spec = DeploymentSpec(name="redrive", model="redrive", min_instances=0, max_instances=3,
+                          target_concurrency=2.0, keep_alive_s=30.0)
+    expected = policy_instances(spec, BURST)
+    assert expected == 3
+    watch = await Watch.connect(cluster.nats_url)
+    killed: list[float] = []
+    old_pid = cluster.service_pid("scaler")
+
+    async def kill_at_first_assign(event: Event, msg: Msg) -> None:
+        # In the callback, not a polling loop: the scaler publishes scale.assign right after
+        # writing the row and before asking the executor, so this lands in the window
+        # between its assignments and its TRANSFER_START.
+        if event.model == spec.model and not killed:
+            os.kill(old_pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    handle = await watch.bus.subscribe(subjects.event("scale.assign"), kill_at_first_assign,
+                                       message_type=Event)
+    try:
+        deploy(cluster, spec)
+        await warm_router(cluster.http_url, spec.model)
+        # every executor free (earlier tests' instances released) before the burst
+        await wait_for(lambda: len(watch.metrics) == 3 and not any(
+            m.get("model") for m in watch.metrics.values()), 20.0, "free executors")
+        mark = watch.mark()
+        outcomes = await burst(cluster.http_url, spec.model, BURST, MAX_TOKENS)
+        assert killed, "the scaler was never killed"
+        assert_all_served(outcomes)
+        await wait_for(lambda: _restarted(cluster, old_pid), 10.0, "the scaler's restart")
+
+        async def settled() -> bool:
+            try:
+                rows = await watch.instances(spec.name)
+            except NoResponders:
+                return False
+            return len(rows) == expected and all(r["state"] == "ready" for r in rows)
+
+        await wait_for(settled, 20.0, "every instance ready")
+        rows = await watch.instances(spec.name)
+        executors = sorted(r["executor_id"] for r in rows)
+        assert len(set(executors)) == len(executors) == expected
+        # the executors' own word: each was assigned this model once
+        assigned = sorted(s.executor for s in watch.since(mark, "executor.assigned",
+                                                          spec.model))
+        assert assigned == executors, assigned
+        transfers = await watch.bus.request(subjects.TRANSFER_STATUS, {"model": spec.model},
+                                            timeout=5.0)
+        redriven = [s for s in watch.since(mark, "scale.multicast.started", spec.model)
+                    if s.event.data.get("redrive")]
+        # No multicast twice to one receiver: the re-drive starts only where none runs.
+        fed = [r for t in transfers.values() for r in t["receivers"]]
+        assert sorted(fed) == sorted(set(fed)), transfers
+        # Each receiver is fed by its original multicast (if the old scaler got it out)
+        # or by a re-driven one: a scaler killed at its first assign seldom gets it out.
+        figure: dict[str, Any] = {
+            "figure": "scaler_sigkill_at_first_assign", "requests": len(outcomes),
+            "served": sum(o.status == 200 for o in outcomes), "instances": len(executors),
+            "assigns": len(assigned), "transfers": len(transfers),
+            "redriven_receivers": sorted(r for s in redriven for r in s.event.data["receivers"]),
+            "last_latency_after_kill_s": round(
+                max(o.sent_at + o.latency_s for o in outcomes) - killed[0], 3)}
+        print(json.dumps(figure))
+    finally:
+        await watch.bus.unsubscribe(handle)
+        await watch.close()
+    undeploy(cluster, spec.name)
