@@ -83,15 +83,18 @@ def stalled_rows(
     after_s: float,
     busy: Set[str] = frozenset(),
     checked: Mapping[str, float] | None = None,
+    started_at: float | None = None,
 ) -> list[InstanceRecord]:
     """Loading rows to check for a missing multicast.
 
     A row qualifies when it was written at least ``after_s`` ago (a live scale-out starts its
-    multicast well within that), no action is in flight on its executor (``busy``), it was
-    not itself checked in the last ``after_s`` (``checked``: executor -> when), its weights
-    were to come by multicast (not ``host``: a host load needs none), and its executor's
-    latest report shows the row's model with layers missing. An executor reporting another
-    model (it never got the assignment) is housekeeping's business, not this.
+    multicast well within that) or before this scaler started (``started_at``: a
+    predecessor's row, whose scale-out nobody here is carrying out), no action is in flight
+    on its executor (``busy``), it was not itself checked in the last ``after_s``
+    (``checked``: executor -> when), its weights were to come by multicast (not ``host``:
+    a host load needs none), and its executor's latest report shows the row's model with
+    layers missing. An executor reporting another model (it never got the assignment) is
+    housekeeping's business, not this.
     """
     checked = checked or {}
     out: list[InstanceRecord] = []
@@ -101,7 +104,10 @@ def stalled_rows(
             continue
         if record.source_tier == Tier.HOST.value:
             continue
-        if now - record.started_at < after_s or now - checked.get(eid, -math.inf) < after_s:
+        inherited = started_at is not None and record.started_at < started_at
+        if now - record.started_at < after_s and not inherited:
+            continue
+        if now - checked.get(eid, -math.inf) < after_s:
             continue
         obs = observations.get(eid)
         if obs is None or obs.stopped or obs.model != record.model or obs.ready:

@@ -1020,7 +1020,7 @@ class ScalerService(Service[ScalerConfig]):
         rows = redrive.stalled_rows(records, self._observations, now,
                                     after_s=self.config.redrive_after_s,
                                     busy=frozenset(self._inflight),
-                                    checked=self._redrive_checked)
+                                    checked=self._redrive_checked, started_at=self._started)
         if not rows:
             return
         for record in rows:

@@ -73,6 +73,12 @@ def test_stalled_rows_are_old_loading_multicast_rows_whose_executor_lacks_layers
     assert [r.executor_id for r in got] == ["a", "l"]
     # with no check history and a longer threshold, only rows that old qualify
     assert [r.executor_id for r in stalled_rows(rows, observations, NOW, after_s=20.0)] == []
+    # ... or rows a predecessor wrote before this scaler started: nobody here carries out
+    # their scale-out, so there is nothing to wait for
+    young = {"p": row("p", age=1.0), "q": row("q", age=0.2)}
+    seen = {e: obs(e) for e in young}
+    got = stalled_rows(young, seen, NOW, after_s=2.0, started_at=NOW - 0.5)
+    assert [r.executor_id for r in got] == ["p"]
 
 
 def test_coverage_by_running_or_completing_transfers_started_after_the_row() -> None:
