@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
@@ -271,7 +272,7 @@ def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[in
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidParameter("prompt must not be empty", param="prompt")
-        return list(tokenizer.encode(prompt))
+        return codec_for(tokenizer).encode(prompt)
     ids = [t for t in prompt if isinstance(t, int)]
     if len(ids) != len(prompt):
         raise InvalidParameter("prompt must be text or a list of token ids", param="prompt")
@@ -304,10 +305,10 @@ def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Any) -> list[int]
             raise InvalidParameter(
                 f"the model's chat template rejected the messages: {exc}", param="messages"
             ) from exc
-        ids = list(tokenizer.encode(str(text), add_special_tokens=False))
+        ids = codec_for(tokenizer).encode(str(text), add_special_tokens=False)
     else:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        ids = list(tokenizer.encode(text))
+        ids = codec_for(tokenizer).encode(text)
     if not ids:
         raise InvalidParameter("messages render to an empty prompt", param="messages")
     return ids
@@ -349,52 +350,223 @@ def sampling_for(
     )
 
 
+# --- tokenizing -----------------------------------------------------------------------------
+
+
+def _defined_in(cls: type, name: str, owner: str) -> bool:
+    """Whether ``cls.<name>`` is the implementation of the transformers class ``owner``
+    (not an override by a model-specific tokenizer class)."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__name__ == owner and klass.__module__.startswith("transformers.")
+    return False
+
+
+class TokenCodec:
+    """A tokenizer's ``encode`` and ``decode(..., skip_special_tokens=True)``, computed by its
+    Rust ``tokenizers.Tokenizer`` directly when that is exactly what the Hugging Face wrapper
+    would compute, else by the wrapper.
+
+    The wrapper (``TokenizersBackend``) spends most of its time in Python around one Rust call:
+    ``encode`` is ``backend.encode(text, add_special_tokens)`` (special tokens such as BOS come
+    from the backend's post-processor) provided no truncation or padding is configured on the
+    backend and its ``encode_special_tokens`` matches ``split_special_tokens`` (the wrapper sets
+    both before encoding; when they differ, the wrapper is called, which sets them); ``decode``
+    is ``backend.decode`` unless the tokenizer cleans up tokenization spaces (which it skips
+    for BPE models unless forced). Tokenizer classes that override these methods always go
+    through the wrapper.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cls = type(tokenizer)
+        encodes = (
+            backend is not None
+            and _defined_in(cls, "encode", "PreTrainedTokenizerBase")
+            and _defined_in(cls, "_encode_plus", "TokenizersBackend")
+        )
+        decodes = (
+            backend is not None
+            and _defined_in(cls, "decode", "PreTrainedTokenizerBase")
+            and _defined_in(cls, "_decode", "TokenizersBackend")
+            and not self._cleans_up(tokenizer, backend)
+        )
+        self._encoder = backend if encodes else None
+        self._decoder = backend if decodes else None
+        self._split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+        # batch-of-one without offsets: the same ids, less work
+        self._encode_one = getattr(backend, "encode_batch_fast", None) if encodes else None
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id: int | None = None if eos is None else int(eos)
+
+    @staticmethod
+    def _cleans_up(tokenizer: Any, backend: Any) -> bool:
+        if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            return False
+        forced = getattr(tokenizer,
+                         "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
+                         False)
+        return type(backend.model).__name__ != "BPE" or bool(forced)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        backend = self._encoder
+        if (
+            backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == self._split_special
+        ):
+            if self._encode_one is not None:
+                return list(self._encode_one([text], add_special_tokens=add_special_tokens)[0].ids)
+            return list(backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` without special tokens."""
+        if self._decoder is not None:
+            return str(self._decoder.decode(token_ids, skip_special_tokens=True))
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+
+_CODECS: weakref.WeakKeyDictionary[Any, TokenCodec] = weakref.WeakKeyDictionary()
+
+
+def codec_for(tokenizer: Any) -> TokenCodec:
+    """The (cached) codec of a tokenizer object; ``tokenizer`` may already be a codec."""
+    if isinstance(tokenizer, TokenCodec):
+        return tokenizer
+    try:
+        codec = _CODECS.get(tokenizer)
+    except TypeError:  # not weak-referenceable or not hashable: no caching
+        return TokenCodec(tokenizer)
+    if codec is None:
+        codec = _CODECS[tokenizer] = TokenCodec(tokenizer)
+    return codec
+
+
+# --- detokenizing ---------------------------------------------------------------------------
+
+_REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
+_WINDOW_TOKENS = 8  # a window of at least this many tokens moves its start forward
+
+
 class TextAssembler:
     """Turns a growing list of token ids into text deltas, honouring stop sequences.
 
-    Decoding the whole sequence each time (rather than token by token) keeps multi-byte
-    characters and tokenizer-specific spacing right; text that could still be the start of a
-    stop sequence, or an incomplete UTF-8 character, is held back until it is decided.
+    The text is the tokenizer's decoding of *all* tokens so far (``decode(ids)``); text that
+    could still be the start of a stop sequence, or ends in an incomplete UTF-8 character, is
+    held back until it is decided. Decoding is incremental, O(new tokens) per token: only a
+    window of recent tokens is decoded, ``ids[start:]``, and the text the window adds to its
+    already-committed part ``ids[start:read]`` is appended. Starting the window at a token that
+    was itself committed keeps decoder context that depends on position (a SentencePiece
+    decoder drops the first token's leading space; the same start is dropped from both
+    decodings, so the difference is the new text) and never splits a character: text is
+    committed only when it does not end in an incomplete character. While it does, the window
+    grows, so pieces that merge only with later bytes come out right.
     """
 
     def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
-        self._tokenizer = tokenizer
-        self._stops = list(stops)
+        self._codec = codec_for(tokenizer)
+        self._stops = [s for s in stops if s]
+        self._keep = max((len(s) for s in self._stops), default=1) - 1  # chars a stop may span
         self._ids: list[int] = []
-        self._emitted = 0
-        self.text = ""
+        self._start = 0  # window start (a token index)
+        self._read = 0  # tokens committed
+        self._start_chars = 0  # len(decode(ids[start:read]))
+        self._parts: list[str] = []  # the committed text
+        self._committed = 0  # its length
+        self._tail = ""  # the window's uncommitted text (may end in an incomplete char)
+        # the text from char _base on: the committed text's last _keep chars and everything
+        # not yet emitted
+        self._base = 0
+        self._recent = ""
+        self._emitted = 0  # chars given out
+        self._cut: int | None = None  # where a stop sequence ended the text
         self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The text so far (cut at a stop sequence once one is found)."""
+        full = "".join(self._parts) + self._tail
+        return full if self._cut is None else full[: self._cut]
 
     def push(self, token_id: int) -> str:
         """Add a token; returns the text that is now final."""
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        self.text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        for stop in self._stops:
-            at = self.text.find(stop)
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
-        if self.stopped:
-            return self._take(len(self.text))
-        final = len(self.text)
-        if self.text.endswith("\ufffd"):
-            final = len(self.text.rstrip("\ufffd"))
-        for stop in self._stops:
-            for k in range(min(len(stop) - 1, final), 0, -1):
-                if self.text[final - k : final] == stop[:k]:
-                    final = min(final, len(self.text) - k)
-                    break
-        return self._take(final)
+        window = self._codec.decode(self._ids[self._start :])
+        tail = window[self._start_chars :]
+        self._tail = tail
+        current = self._recent + tail
+        at = self._find_stop(current)
+        if at is not None:
+            self.stopped = True
+            self._cut = self._base + at
+            return self._take(current, at)
+        if tail and not tail.endswith(_REPLACEMENT):
+            self._commit(window)
+            current = self._recent
+        final = len(current.rstrip(_REPLACEMENT)) if current.endswith(_REPLACEMENT) \
+            else len(current)
+        return self._take(current, self._hold_back(current, final))
 
     def finish(self) -> str:
         """Everything not yet emitted (the generation ended)."""
-        return self._take(len(self.text))
+        if self.stopped:
+            return ""
+        current = self._recent + self._tail
+        return self._take(current, len(current))
 
-    def _take(self, upto: int) -> str:
-        upto = max(upto, self._emitted)
-        delta = self.text[self._emitted : upto]
-        self._emitted = upto
-        return delta
+    # --- internals -------------------------------------------------------------------------
 
+    def _find_stop(self, current: str) -> int | None:
+        """The earliest stop sequence in the text (only its recent part can hold a new one)."""
+        best: int | None = None
+        for stop in self._stops:
+            at = current.find(stop)
+            if at != -1 and (best is None or at < best):
+                best = at
+        return best
+
+    def _hold_back(self, current: str, final: int) -> int:
+        """Where emitting must stop so that no possible start of a stop sequence leaves."""
+        limit = final
+        for stop in self._stops:
+            for k in range(min(len(stop) - 1, final), 0, -1):
+                if current.endswith(stop[:k], 0, final):
+                    limit = min(limit, final - k)
+                    break
+        return limit
+
+    def _commit(self, window: str) -> None:
+        tail = self._tail
+        self._parts.append(tail)
+        self._committed += len(tail)
+        self._recent += tail
+        self._tail = ""
+        previous_read, self._read = self._read, len(self._ids)
+        if self._read - self._start > _WINDOW_TOKENS:
+            # restart the window at the previous commit: a token boundary between whole
+            # characters, with context before the tokens to come
+            self._start = previous_read
+            self._start_chars = len(self._codec.decode(self._ids[self._start : self._read]))
+        else:
+            self._start_chars = len(window)
+        # keep only what a stop sequence may still span, and what is not yet emitted
+        base = max(0, min(self._emitted, self._committed - self._keep))
+        if base > self._base:
+            self._recent = self._recent[base - self._base :]
+            self._base = base
+
+    def _take(self, current: str, upto: int) -> str:
+        """Emit ``current[emitted:upto]`` (positions relative to ``_base``)."""
+        start = self._emitted - self._base
+        if upto <= start:
+            return ""
+        self._emitted = self._base + upto
+        return current[start:upto]
