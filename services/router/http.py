@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +34,8 @@ from services.router.backend import ModelInfo, RouterBackend, TokenEvent
 from services.router.metrics import CONTENT_TYPE, RouterMetrics
 from services.router.openai_api import (
     SSE_DONE,
-    AssistantMessage,
-    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -47,6 +44,7 @@ from services.router.openai_api import (
     TextAssembler,
     Usage,
     chat_prompt_ids,
+    codec_for,
     completion_prompt_ids,
     error_body,
     error_body_for,
@@ -105,7 +103,13 @@ class _ClientGone(Exception):
 
 
 class _Generation:
-    """One backend generation, watched for client disconnects and stalls."""
+    """One backend generation, watched for client disconnects and stalls.
+
+    One watcher task per request (not one task per token) listens for the disconnect; while the
+    request's own task waits for a token in :meth:`next`, the watcher cancels that wait, and
+    :meth:`next` turns the cancellation into _ClientGone. Stalls are bounded by a timeout
+    around the wait itself.
+    """
 
     def __init__(
         self,
@@ -121,39 +125,52 @@ class _Generation:
         self._config = config
         self._first = True
         self._finished = False
-        self._gone = asyncio.get_running_loop().create_task(self._watch(request.receive))
+        self._gone = False
+        self._waiter: asyncio.Task[Any] | None = None  # the task inside next(), if any
+        self._interrupted = False  # the watcher cancelled the waiter
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(request.receive))
 
-    @staticmethod
-    async def _watch(receive: Callable[[], Awaitable[Any]]) -> None:
+    async def _watch(self, receive: Callable[[], Awaitable[Any]]) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                self._gone = True
+                if self._waiter is not None and not self._interrupted:
+                    self._interrupted = True
+                    self._waiter.cancel()
                 return
 
     async def next(self) -> TokenEvent | None:
         """The next event, None at the end; raises _ClientGone or a timeout error."""
+        if self._gone:
+            raise _ClientGone()
         timeout = (
             self._config.first_token_timeout_s if self._first else self._config.token_timeout_s
         )
-        step = asyncio.ensure_future(anext(self._events))
-        done, _ = await asyncio.wait(
-            {step, self._gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if step not in done:
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
-            if self._gone in done:
-                raise _ClientGone()
-            if self._first:
-                raise NoCapacity(f"no first token within {timeout:.0f} s")
-            raise EngineError(f"no token within {timeout:.0f} s")
-        self._first = False
+        self._waiter = asyncio.current_task()
         try:
-            return step.result()
+            async with asyncio.timeout(timeout) as deadline:
+                event = await anext(self._events)
         except StopAsyncIteration:
             self._finished = True
             return None
+        except asyncio.CancelledError:
+            if self._interrupted:
+                self._interrupted = False
+                assert self._waiter is not None
+                if self._waiter.uncancel() == 0:  # nobody else cancelled the task
+                    raise _ClientGone() from None
+            raise
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the backend's own error, not our deadline
+            if self._first:
+                raise NoCapacity(f"no first token within {timeout:.0f} s") from None
+            raise EngineError(f"no token within {timeout:.0f} s") from None
+        finally:
+            self._waiter = None
+        self._first = False
+        return event
 
     def mark_finished(self) -> None:
         self._finished = True
@@ -162,9 +179,9 @@ class _Generation:
         """Stop watching; cancel the backend's work unless it ran to its end. Shielded so
         that it completes even while the surrounding task is being cancelled."""
         with anyio.CancelScope(shield=True):
-            self._gone.cancel()
+            self._watcher.cancel()
             with contextlib.suppress(BaseException):
-                await self._gone
+                await self._watcher
             if not self._finished:
                 with anyio.move_on_after(5.0):
                     await self._backend.cancel(self._request_id)
@@ -191,6 +208,79 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
+class _CoalescingTransport:
+    """A transport whose writes made during one event-loop step leave in one send.
+
+    uvicorn writes a response's head and body separately; on loopback each send wakes the
+    client, which reads the head and sleeps again until the body comes (on a busy host, two
+    context switches for one response). Writes are gathered and sent at the end of the step
+    (``call_soon``), or at once past ``_MAX_PENDING`` bytes; close and write_eof send first.
+    Everything else is the wrapped transport's.
+    """
+
+    _MAX_PENDING = 64 * 1024
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(bytes(data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self._MAX_PENDING:
+            self._flush()
+
+    def writelines(self, lines: Iterable[bytes | bytearray | memoryview]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._pending_bytes + self._transport.get_write_buffer_size()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._pending_bytes = 0
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11) over a
+    :class:`_CoalescingTransport`: pass as ``uvicorn.Config(http=...)``."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class CoalescingHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            wrapped = _CoalescingTransport(transport)  # type: ignore[arg-type]
+            super().connection_made(wrapped)
+
+    return CoalescingHTTPProtocol
+
+
 def create_app(
     backend: RouterBackend,
     config: ApiConfig | None = None,
@@ -198,7 +288,10 @@ def create_app(
 ) -> FastAPI:
     cfg = config or ApiConfig()
     stats = metrics or RouterMetrics()
-    app = FastAPI(title=cfg.title, version="1", openapi_url="/openapi.json")
+    # FastAPI's OpenTelemetry bridge checks for providers on every request; the router's
+    # figures are its own /metrics, so it is off
+    app = FastAPI(title=cfg.title, version="1", openapi_url="/openapi.json",
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.metrics = stats
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
 
@@ -218,9 +311,7 @@ def create_app(
         if model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
             model = body["model"]  # a request that failed validation still names its model
         model = str(model or "")[:200]
-        stats.requests.inc(
-            {"model": model, "endpoint": request.url.path, "status": str(status)}
-        )
+        stats.requests.inc({"model": model, "endpoint": _path(request), "status": str(status)})
 
     # --- errors ---------------------------------------------------------------------------
 
@@ -301,10 +392,8 @@ def create_app(
             prompt_ids = completion_prompt_ids(body, tokenizer)
         else:
             prompt_ids = chat_prompt_ids(body, tokenizer)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        sampling = sampling_for(
-            body, len(prompt_ids), info.max_context, () if eos is None else (int(eos),)
-        )
+        eos = codec_for(tokenizer).eos_token_id
+        sampling = sampling_for(body, len(prompt_ids), info.max_context, () if eos is None else (eos,))
         request_id = new_id("req")
         events = backend.generate(body.model, prompt_ids, sampling, request_id)
         generation = _Generation(backend, request, events, request_id, cfg)
@@ -334,26 +423,19 @@ def create_app(
         assembler = TextAssembler(tokenizer, body.stop_sequences())
         model = body.model
         labels = {"model": model}
+        stats.ttft.observe(labels, time.monotonic() - started)
 
-        async def pump() -> AsyncIterator[tuple[str, str | None, int]]:
-            """(text delta, finish reason or None, completion tokens so far)."""
-            event = first
-            count = 0
-            stats.ttft.observe(labels, time.monotonic() - started)
-            while event is not None:
-                count += 1
-                delta = assembler.push(event.token_id)
-                if assembler.stopped:
-                    yield delta, "stop", count
-                    return  # close() cancels the rest of the generation
-                if event.finish_reason is not None:
-                    generation.mark_finished()
-                    yield delta + assembler.finish(), event.finish_reason, count
-                    return
-                if delta:
-                    yield delta, None, count
-                event = await generation.next()
-            yield assembler.finish(), "stop", count
+        def step(event: TokenEvent | None) -> tuple[str, str | None]:
+            """One event's (text delta, finish reason or None); None: the events ended."""
+            if event is None:
+                return assembler.finish(), "stop"
+            delta = assembler.push(event.token_id)
+            if assembler.stopped:
+                return delta, "stop"  # close() cancels the rest of the generation
+            if event.finish_reason is not None:
+                generation.mark_finished()
+                return delta + assembler.finish(), event.finish_reason
+            return delta, None
 
         def usage(count: int) -> Usage:
             return Usage(prompt_tokens=prompt_len, completion_tokens=count,
@@ -367,11 +449,18 @@ def create_app(
                 record(request, status)
 
         if not body.stream:
-            text, reason, count = [], None, 0
+            text: list[str] = []
+            count = 0
+            event = first
             try:
-                async for step in pump():
-                    delta, reason, count = step
+                while True:
+                    if event is not None:
+                        count += 1
+                    delta, reason = step(event)
                     text.append(delta)
+                    if reason is not None:
+                        break
+                    event = await generation.next()
             except _ClientGone:
                 finished(count, CLIENT_CLOSED_STATUS)
                 return Response(status_code=CLIENT_CLOSED_STATUS)
@@ -387,13 +476,19 @@ def create_app(
 
         async def stream() -> AsyncIterator[str]:
             count, status = 0, 200
+            event = first
             try:
                 if isinstance(body, ChatCompletionRequest):  # the role comes first
                     yield sse(render_chunk(response_id, "", None, True))
-                async for step in pump():
-                    delta, reason, count = step
+                while True:
+                    if event is not None:
+                        count += 1
+                    delta, reason = step(event)
                     if delta or reason:
                         yield sse(render_chunk(response_id, delta, reason, False))
+                    if reason is not None:
+                        break
+                    event = await generation.next()
                 if include_usage:
                     chunk = render_chunk(response_id, "", None, False)
                     chunk["choices"] = []
@@ -423,10 +518,10 @@ def create_app(
         created = now_s()
 
         def full(rid: str, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
-            choice = CompletionChoice(text=text, finish_reason=reason)  # type: ignore[arg-type]
-            return CompletionResponse(
-                id=rid, created=created, model=body.model, choices=[choice], usage=usage
-            ).model_dump()
+            # the shape of CompletionResponse, built directly (this is on every request's path)
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": body.model, "choices": [choice], "usage": usage.model_dump()}
 
         def chunk(rid: str, text: str, reason: str | None, first: bool) -> dict[str, Any]:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
@@ -441,13 +536,11 @@ def create_app(
         created = now_s()
 
         def full(rid: str, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
-            choice = ChatChoice(
-                message=AssistantMessage(content=text),
-                finish_reason=reason,  # type: ignore[arg-type]
-            )
-            return ChatCompletionResponse(
-                id=rid, created=created, model=body.model, choices=[choice], usage=usage
-            ).model_dump()
+            # the shape of ChatCompletionResponse, built directly
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": reason}
+            return {"id": rid, "object": "chat.completion", "created": created,
+                    "model": body.model, "choices": [choice], "usage": usage.model_dump()}
 
         def chunk(rid: str, text: str, reason: str | None, first: bool) -> dict[str, Any]:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
@@ -493,3 +586,12 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return error_body(400, text, param=param, code="invalid_value")
+
+
+def _path(request: Request) -> str:
+    """``request.url.path`` without building the URL when the raw path needs no escaping."""
+    path = request.scope["path"]
+    if isinstance(path, str) and not path.startswith("//") and \
+            not any(c in path for c in "?#\\\t\r\n"):
+        return path
+    return request.url.path

@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 
-from services.router.http import ApiConfig, create_app
+from services.router.http import ApiConfig, create_app, http_protocol
 from services.router.metrics import RouterMetrics
 from services.router.nats_backend import BackendSettings, NatsBackend
 from shared.config import ServiceConfig
@@ -128,7 +128,7 @@ class RouterService(Service[RouterConfig]):
                         token_timeout_s=cfg.token_timeout_s + 5.0)
         app = create_app(self.backend, api, RouterMetrics())
         server_config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off",
+            app, log_level="warning", access_log=False, lifespan="off", http=http_protocol(),
             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)),
         )
         self._server = _EmbeddedServer(server_config)

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from services.router.backend import ModelInfo, ModelStats, SamplingParams, TokenEvent
-from services.router.http import ApiConfig, create_app
+from services.router.http import ApiConfig, create_app, http_protocol
 from shared.errors import ModelNotFound, NoCapacity
 
 CHATML = (
@@ -42,7 +42,8 @@ def train_tiny_tokenizer(chat_template: str | None) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>")
+    wrapped = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, eos_token="<|eos|>")
     wrapped.chat_template = chat_template
     return wrapped
 
@@ -136,7 +137,7 @@ async def serve(app: Any) -> AsyncIterator[str]:
     """Run ``app`` under a real uvicorn server on a free loopback port; yield its base URL."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", http=http_protocol())
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
