@@ -21,6 +21,22 @@ Without root (no namespaces) ``--network loopback`` runs everything on 127.0.0.1
 unshaped links (the data plane has no send-rate cap), so loads are fast and the modes differ
 little; the JSON says which network was used.
 
+Each mode's replay starts just after a periodic router load report, so the reports (and the
+scaler's decisions on them) fall at the same moments of the burst in every mode (else the
+timer's random phase decides how many requests each wave of new instances is sized for).
+
+Two properties of the system shape the result (the JSON's per-mode summaries list every
+multicast, its sources and receivers, and every instance's load time):
+
+* from zero the only source is the store: one binomial pipeline, whose receivers all hold the
+  same prefix of blocks at every tick (the store sends each block once, in order), so no set
+  of partial copies covers the model before the first complete copy — execution pipelines
+  cannot form, and ``lambdascale`` behaves like ``multicast_only`` until a later wave is
+  multicast from k >= 2 running instances (rotated block orders);
+* each scale-out decision starts its own multicast: waves decided while an earlier wave still
+  loads from the store share the store's link with it (they do not join the running
+  multicast), so a burst met by several small waves loads at about the pull-from-store pace.
+
 The model is a random-weight Llama-family checkpoint generated here (``--layers``,
 ``--hidden`` ...: tens of MB in float32, yet cheap enough per token for a CPU), ingested once
 into a store directory under ``--out`` and reused by later runs with the same shape. Prompts
@@ -94,14 +110,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Azure LLM trace CSV (default: the 2023 conversation trace)")
     w.add_argument("--start", type=float, default=1865.0,
                    help="window start, trace seconds (default 1865: the trace's busiest minute)")
-    w.add_argument("--duration", type=float, default=20.0, help="window length, trace seconds")
+    w.add_argument("--duration", type=float, default=30.0, help="window length, trace seconds")
     w.add_argument("--speedup", type=float, default=1.0)
     w.add_argument("--rate-multiplier", type=float, default=1.0)
     w.add_argument("--burst-jitter", type=float, default=0.5)
     w.add_argument("--max-requests", type=int, default=None)
-    w.add_argument("--max-prompt-tokens", type=int, default=48,
+    w.add_argument("--max-prompt-tokens", type=int, default=32,
                    help="cap on each request's prompt tokens (a CPU serves the model)")
-    w.add_argument("--max-output-tokens", type=int, default=12,
+    w.add_argument("--max-output-tokens", type=int, default=8,
                    help="cap on each request's output tokens")
     w.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT SLO, seconds")
     w.add_argument("--request-timeout", type=float, default=180.0)
@@ -113,8 +129,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--executors", type=int, default=6)
     c.add_argument("--network", choices=("auto", "emu", "loopback"), default="auto",
                    help="emu: namespaces with shaped links (needs root); auto: emu when root")
-    c.add_argument("--link-mbit", type=float, default=200.0, help="emulated link rate, Mbit/s")
-    c.add_argument("--target-concurrency", type=float, default=2.0,
+    c.add_argument("--link-mbit", type=float, default=50.0,
+                   help="emulated link rate, Mbit/s (default 50: one copy of the default "
+                        "63 MB model takes 10 s over one link)")
+    c.add_argument("--target-concurrency", type=float, default=1.0,
                    help="deployment target: outstanding requests per instance")
     c.add_argument("--keep-alive", type=float, default=8.0, help="deployment keep-alive, s")
     c.add_argument("--parts", type=int, default=2, help="chunks per block in a multicast")
@@ -162,6 +180,7 @@ class BenchConfig:
     slo: Slo
     request_timeout_s: float
     seed: int
+    max_seq_len: int
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -185,7 +204,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        args.vocab, args.blocks)
     return BenchConfig(modes, args.executors, network, link, args.target_concurrency,
                        args.keep_alive, args.parts, shape, args.out,
-                       Slo(ttft_s=args.slo_ttft), args.request_timeout, args.seed)
+                       Slo(ttft_s=args.slo_ttft), args.request_timeout, args.seed,
+                       max_seq_len=args.max_prompt_tokens + args.max_output_tokens + 16)
 
 
 # --- the workload (pure) --------------------------------------------------------------------
@@ -331,6 +351,9 @@ class ClusterRun:
             specs.append((f"exec-{i}", [*py, "services.executor"], {
                 "LSCALE_DEVICE": "cpu", "LSCALE_DATA_HOST": self._host_of(i + 1),
                 "LSCALE_KV_BUDGET_MB": "48", "LSCALE_HOST_BUDGET_MB": "512",
+                # KV rows sized to the capped requests, not the model's 2048-token context:
+                # 48 MiB then holds dozens of requests instead of three
+                "LSCALE_MAX_SEQ_LEN": str(self.cfg.max_seq_len),
                 "LSCALE_PARTS": str(self.cfg.parts)}, i + 1))
         logs = self.state_dir / "logs"
         logs.mkdir(exist_ok=True)
@@ -515,7 +538,7 @@ async def _deploy(cluster: ClusterRun, cfg: BenchConfig, timeout: float) -> None
 
 
 async def _wait_idle(cluster: ClusterRun, timeout: float, *, cores: float = 0.2,
-                     window_s: float = 1.0) -> float:
+                     window_s: float = 0.5) -> float:
     """Wait until the cluster's processes together use under ``cores`` CPU over ``window_s``
     (start-up work such as the router building the tokenizer is over), so that no mode's
     replay starts on a CPU still busy with start-up; returns the last measured use."""
@@ -543,6 +566,26 @@ async def _wait_idle(cluster: ClusterRun, timeout: float, *, cores: float = 0.2,
         if used < cores:
             break
     return used
+
+
+async def _after_next_load_report(bus: Any, timeout: float) -> None:
+    """Return just after the router's next load report to the scaler. The replay starts
+    there in every mode, so each mode's first scale-out decision comes one report interval
+    into the burst and sees the same requests (otherwise the timer's phase, random per
+    cluster, decides whether the first wave of new instances is one executor or all)."""
+    from shared import subjects
+
+    seen = asyncio.Event()
+
+    async def on_report(body: Any, msg: Any) -> None:
+        seen.set()
+
+    handle = await bus.subscribe(subjects.SCALER_LOAD, on_report)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(seen.wait(), timeout)
+    finally:
+        await bus.unsubscribe(handle)
 
 
 # --- one mode -------------------------------------------------------------------------------
@@ -634,10 +677,13 @@ async def run_mode(cfg: BenchConfig, mode: Mode, model: PreparedModel, arrivals:
     try:
         cluster.start()
         await _wait_ready(cluster, _READY_TIMEOUT_S)
+        ready_s = time.monotonic() - began
         await _deploy(cluster, cfg, 30.0)
+        deployed_s = time.monotonic() - began
         idle_cores = await _wait_idle(cluster, 30.0)
         startup_s = time.monotonic() - began
-        log(f"{mode.name}: cluster ready in {startup_s:.1f} s (idle: {idle_cores:.2f} cores); "
+        log(f"{mode.name}: services up in {ready_s:.1f} s, model servable at {deployed_s:.1f} s, "
+            f"idle ({idle_cores:.2f} cores) at {startup_s:.1f} s; "
             f"replaying {len(arrivals)} requests")
         watcher = NatsMetricsWatcher(cluster.nats.url)
         await watcher.start()
@@ -648,6 +694,7 @@ async def run_mode(cfg: BenchConfig, mode: Mode, model: PreparedModel, arrivals:
             events.on_message(msg.subject, body, time.time())
 
         await bus.subscribe(subjects.EVENTS_ALL, on_event)
+        await _after_next_load_report(bus, 5.0)
         cpu_before = cluster.cpu_seconds()
         try:
             result = await replay(

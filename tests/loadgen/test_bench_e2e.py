@@ -54,7 +54,7 @@ def test_mode_figures_from_records() -> None:
 
 
 def test_ratios_and_targets() -> None:
-    figures = {
+    figures: dict[str, dict[str, float | None]] = {
         "serverlessllm": {"ttft_p50_s": 4.0, "ttft_p99_s": 9.0, "e2e_p99_s": 10.0,
                           "gpu_seconds": 100.0},
         "lambdascale": {"ttft_p50_s": 1.0, "ttft_p99_s": 2.0, "e2e_p99_s": 5.0,
@@ -105,7 +105,7 @@ def test_bench_e2e_smoke_all_modes(tmp_path: Path) -> None:
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "loadgen", "bench-e2e", "--json", "--out", str(out),
-         "--trace", str(TRACE), "--start", "1865", "--duration", "1.2", "--executors", "2",
+         "--trace", str(TRACE), "--start", "1865", "--duration", "1.2", "--executors", "1",
          "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
          "--intermediate", "128", "--vocab", "512", "--blocks", "2", "--parts", "1",
          "--link-mbit", "1000", "--max-prompt-tokens", "8", "--max-output-tokens", "3",
