@@ -12,9 +12,10 @@ Everything here is a shell around the pure :class:`~services.router.routing.Rout
   the route's first executor (with the pipeline's ``stages``), and turns the
   :class:`~shared.messages.TokenChunk` stream into :class:`TokenEvent` s.
 * **load** — a :class:`~shared.messages.LoadReport` on ``SCALER_LOAD`` every
-  ``load_report_interval_s``, and at once (at most every ``_COLD_REPORT_GAP_S``) when a
-  request queues for a model with no instance and no pipeline, so that a scale from zero does
-  not wait for the next report; lifecycle events ``request.routed``, ``pipeline.up`` and
+  ``load_report_interval_s``, and at once (``_COLD_REPORT_HOLD_S`` after the first such
+  request, then at most every ``_COLD_REPORT_GAP_S``) when a request queues for a model with
+  no instance and no pipeline, so that a scale from zero does not wait for the next report;
+  lifecycle events ``request.routed``, ``pipeline.up`` and
   ``pipeline.down`` through the ``emit`` callback.
 
 Switch-over when a copy completes
@@ -98,6 +99,9 @@ _SWEEP_S = 0.25  # how often executor liveness is checked
 _RATE_WINDOW_S = 10.0  # requests per second are averaged over this window
 _TTFT_WINDOW_S = 60.0
 _COLD_REPORT_GAP_S = 0.05  # a cold-start load report goes out at most this often
+# ... and this long after the request that made it due: the rest of a burst that arrives
+# together is in it, so the scaler sizes the scale-out for the burst, not its first request
+_COLD_REPORT_HOLD_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ class NatsBackend:
         self._wake = asyncio.Event()
         self._stopping = False
         self._cold_report_due = False  # a request queued for a model with no route at all
+        self._cold_since = 0.0  # when it became due
         self._last_report = -math.inf
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -338,8 +343,10 @@ class NatsBackend:
             loop = asyncio.get_running_loop()
             flight.waiting = loop.create_future()
             plan = self.table.plan(flight.model)
-            if plan is None or not (plan.local or plan.pipelines):
+            if (plan is None or not (plan.local or plan.pipelines)) \
+                    and not self._cold_report_due:
                 self._cold_report_due = True  # tell the scaler now, not at the next report
+                self._cold_since = self._clock()
             self._wake.set()
             try:
                 # the table expires the wait (housekeeping); this bound is only a backstop
@@ -585,7 +592,7 @@ class NatsBackend:
                         await self._drop_executor(
                             eid, f"no readiness or metrics for {now - seen:.1f} s")
                 self._dispatch_queued()
-                cold = self._cold_report_due and now - self._last_report >= _COLD_REPORT_GAP_S
+                cold = self._cold_report_due and now >= self._cold_report_at()
                 if now >= next_report or cold:
                     self._cold_report_due = False
                     self._last_report = now
@@ -593,8 +600,7 @@ class NatsBackend:
                     await self._publish(subjects.SCALER_LOAD, self.load_report())
                 wait = min(_SWEEP_S, max(0.0, next_report - self._clock()))
                 if self._cold_report_due:
-                    gap_end = self._last_report + _COLD_REPORT_GAP_S
-                    wait = min(wait, max(0.0, gap_end - self._clock()))
+                    wait = min(wait, max(0.0, self._cold_report_at() - self._clock()))
                 deadline = self.table.next_deadline()
                 if deadline is not None:
                     wait = min(wait, max(0.0, deadline - self._clock()))
@@ -606,6 +612,9 @@ class NatsBackend:
             except Exception as exc:  # housekeeping must outlive any one bad step
                 log.exception("router housekeeping step failed", error=repr(exc))
                 await asyncio.sleep(_SWEEP_S)
+
+    def _cold_report_at(self) -> float:
+        return max(self._cold_since + _COLD_REPORT_HOLD_S, self._last_report + _COLD_REPORT_GAP_S)
 
     def load_report(self) -> LoadReport:
         queued: dict[str, int] = {}
