@@ -201,9 +201,13 @@ async def test_scaler_sigkill_mid_burst_loses_no_request_and_assigns_no_executor
         load = asyncio.ensure_future(burst(cluster.http_url, spec.model, BURST, MAX_TOKENS))
         # Kill the scaler the moment its multicast has started: rows written, executors
         # assigned, the weights on their way. (Killed between its assignments and its
-        # StartTransfer: the next test.)
-        await wait_for(lambda: watch.since(mark, "scale.multicast.started", spec.model), 15.0,
-                       "the multicast")
+        # StartTransfer: the next test.) The router reports the first queued request at
+        # once, so the scale-out may come in two steps (1 instance, then the rest ~50 ms
+        # later): wait until the policy's count is assigned, or a burst served by the
+        # first instance before the restarted scaler sees it leaves no load to grow on.
+        await wait_for(lambda: watch.since(mark, "scale.multicast.started", spec.model)
+                       and len(watch.since(mark, "scale.assign", spec.model)) >= expected,
+                       15.0, "the multicast")
         os.kill(old_pid, signal.SIGKILL)
         killed_at = time.monotonic()
         outcomes = await load
