@@ -11,6 +11,27 @@ from typing import Any
 
 import structlog
 
+
+class _CurrentStderr:
+    """A stream that is always whatever ``sys.stderr`` is at the time of the write."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return _isatty(sys.stderr)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
@@ -20,10 +41,13 @@ def setup_logging(
     fmt: str = "json", stream: Any = None,
 ) -> structlog.stdlib.BoundLogger:
     """Configure structlog (and the stdlib root logger, for libraries) once per process."""
-    out = stream or sys.stderr
+    # Without an explicit stream, look sys.stderr up at every write: binding today's object
+    # would keep writing to it after it is replaced and closed (pytest's capture does that,
+    # and then every log line of an in-process service raised "I/O operation on closed file").
+    out = stream if stream is not None else _CurrentStderr()
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(colors=_isatty(out))
     )
     structlog.configure(
         processors=[
@@ -38,7 +62,8 @@ def setup_logging(
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(_LEVELS.get(level, logging.INFO), logging.WARNING), stream=out)
+    logging.basicConfig(level=max(_LEVELS.get(level, logging.INFO), logging.WARNING), stream=out,
+                        force=True)
     bound: dict[str, Any] = {}
     if service:
         bound["service"] = service

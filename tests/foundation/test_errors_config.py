@@ -51,3 +51,25 @@ def test_invalid_settings_fail_naming_the_setting(env: dict[str, str], setting: 
         load_config(ServiceConfig, [], env)
     assert info.value.setting == setting
     assert setting in str(info.value)
+
+
+def test_logging_follows_sys_stderr_when_it_is_replaced(capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import sys
+
+    import structlog
+
+    from shared.log import setup_logging
+
+    setup_logging(service="t", fmt="json")
+    first = io.StringIO()
+    sys.stderr, saved = first, sys.stderr
+    try:
+        structlog.get_logger().warning("one")
+        first.close()  # what pytest does to a capture it is finished with
+        second = io.StringIO()
+        sys.stderr = second
+        structlog.get_logger().warning("two")  # must not raise on the closed stream
+    finally:
+        sys.stderr = saved
+    assert '"event": "two"' in second.getvalue()
