@@ -464,9 +464,13 @@ class StartTransfer(Message):
 @message("transfer.started")
 @dataclass(frozen=True)
 class TransferStarted(Message):
+    """``joined``: the receivers were added to a running multicast of the same model from the
+    same sources (``transfer_id`` is that one's; ``ticks`` its re-planned remainder)."""
+
     transfer_id: str
     ticks: int
     optimal: bool = True
+    joined: bool = False
 
 
 @message("transfer.send")

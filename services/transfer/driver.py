@@ -15,6 +15,11 @@ On a failed send the driver decides who is dead (the error's ``node`` detail, el
 optional ``probe``, else the receiver), lets the other in-flight edges finish, and re-plans the
 rest from what the survivors hold (:func:`services.transfer.planner.replan`). It returns
 per-receiver completion times, bytes, and what failed.
+
+While it runs, :meth:`TransferDriver.add_receivers` adds receivers (a later scale-out wave of
+the same model): the unstarted rest is re-planned over every receiver from what each node holds
+or is being sent, so the first receivers relay to the newcomers instead of the holder sending a
+second copy.
 """
 
 from __future__ import annotations
@@ -67,6 +72,44 @@ class TransferDriver:
             self.held[r] = set()
         self.alive: set[str] = set(plan.holders) | set(plan.receivers)
         self.failed: dict[str, str] = {}
+        self.receivers: list[str] = list(plan.receivers)
+        self._pending: list[Edge] = plan.edges()
+        self._running: dict[asyncio.Task[None], Edge] = {}
+        self._wake = asyncio.Event()
+        self.closed = False  # set once the run ended (done or not): no more receivers
+
+    def add_receivers(self, receivers: Sequence[str]) -> int:
+        """Add receivers to the running transfer; returns the ticks of the new remaining plan.
+
+        Raises :class:`PlanError` (and adds nothing) when the transfer has ended, a receiver is
+        already a node of it, or the live nodes cannot supply every chunk.
+        """
+        if self.closed:
+            raise PlanError("the transfer has ended")
+        known = set(self.held) | set(self.failed)
+        clash = sorted(set(receivers) & known)
+        if clash or len(set(receivers)) != len(receivers):
+            raise PlanError(f"receivers already in the transfer or repeated: {clash}")
+        wanted = [r for r in self.receivers if r in self.alive] + list(receivers)
+        held = {n: set(self.held[n]) for n in self.alive}
+        for r in receivers:
+            held[r] = set()
+        for e in self._running.values():  # in flight: planning it again would send it twice
+            if e.dst in held:
+                held[e.dst].add(e.chunk)
+        ticks = replan(held, self.alive | set(receivers), wanted, self.plan.num_chunks)
+        for r in receivers:
+            self.held[r] = set()
+            self.alive.add(r)
+            self.receivers.append(r)
+        self._pending = [e for tick in ticks for e in tick]
+        self._wake.set()
+        log.info("receivers joined", joined=len(receivers), receivers=len(self.receivers),
+                 ticks=len(ticks))
+        return len(ticks)
+
+    async def _woken(self) -> None:
+        await self._wake.wait()
 
     async def run(self, timeout_s: float = 600.0) -> TransferResult:
         try:
@@ -77,22 +120,24 @@ class TransferDriver:
 
     async def _run(self) -> TransferResult:
         start = self.clock()
-        pending: list[Edge] = self.plan.edges()
         sending: dict[str, int] = defaultdict(int)
         receiving: dict[str, int] = defaultdict(int)
-        running: dict[asyncio.Task[None], Edge] = {}
+        running = self._running
         completion: dict[str, float] = {}
         received: dict[str, int] = defaultdict(int)
         arrivals: list[tuple[float, str, int]] = []
         replans = edges_done = 0
         num_chunks = self.plan.num_chunks
-        wanted = set(self.plan.receivers)
+        wanted = self.receivers  # grows when receivers join
+        woken: asyncio.Task[None] | None = None
 
         def done_receivers() -> bool:
             return all(len(self.held[r]) == num_chunks for r in wanted if r in self.alive)
 
         try:
             while True:
+                self._wake.clear()
+                pending = self._pending
                 # start every ready edge whose sender and receiver have a free slot; in order
                 # mode only an edge that is next in plan order for both its sender and its
                 # receiver (no later edge may take a slot that an earlier one is waiting for)
@@ -115,19 +160,26 @@ class TransferDriver:
                         still.append(e)
                         waiting_src.add(e.src)
                         waiting_dst.add(e.dst)
-                pending = still
+                self._pending = still
                 if not running:
                     if done_receivers():
+                        self.closed = True  # no await since the check: no join slips in
                         break
                     # nothing can run: the remaining plan is unusable (a node died). Re-plan.
-                    pending = self._replan(wanted)
+                    self._pending = self._replan(wanted)
                     replans += 1
-                    if not pending:
+                    if not self._pending:
+                        self.closed = True
                         break
                     continue
-                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                if woken is None or woken.done():
+                    woken = asyncio.ensure_future(self._woken())
+                finished, _ = await asyncio.wait([*running, woken],
+                                                 return_when=asyncio.FIRST_COMPLETED)
                 failures: list[tuple[Edge, BaseException]] = []
                 for task in finished:
+                    if task is woken:
+                        continue  # receivers joined: the loop starts their edges
                     e = running.pop(task)
                     sending[e.src] -= 1
                     receiving[e.dst] -= 1
@@ -157,14 +209,17 @@ class TransferDriver:
                     for task, e in list(running.items()):
                         if e.src not in self.alive or e.dst not in self.alive:
                             task.cancel()
-                    pending = []
+                    self._pending = []
         finally:
+            self.closed = True
+            if woken is not None:
+                woken.cancel()
             for task in running:
                 task.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
         return TransferResult(completion_s=completion,
-                              bytes_received={r: received[r] for r in self.plan.receivers},
+                              bytes_received={r: received[r] for r in self.receivers},
                               failed=dict(self.failed), replans=replans, edges_done=edges_done,
                               elapsed_s=self.clock() - start, arrivals=arrivals,
                               complete=done_receivers())

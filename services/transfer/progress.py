@@ -51,6 +51,16 @@ class MulticastProgress:
         return cls(model, strategy, num_chunks, region_bytes,
                    landed={r: set() for r in receivers})
 
+    def add_receivers(self, receivers: Sequence[str],
+                      regions: Mapping[str, Mapping[str, Any]]) -> None:
+        """Receivers that joined the running multicast (a later scale-out wave)."""
+        joined = MulticastProgress.start(self.model, self.strategy, receivers, self.num_chunks,
+                                         regions)
+        self.region_bytes.update(joined.region_bytes)
+        for r in receivers:
+            self.landed.setdefault(r, set())
+        self.version += 1
+
     def set_sizes(self, sizes: list[int]) -> None:
         """Use exact chunk sizes; ignored when they do not match the plan's chunk count."""
         if len(sizes) == self.num_chunks:

@@ -11,6 +11,14 @@ For dashboards (``shared.metrics_schema``), a running transfer's per-receiver by
 metrics snapshot (``transfers``) and, at most every ``PROGRESS_EVENT_INTERVAL_S``, in a
 ``transfer.progress`` event; chunk sizes come from the store's manifest (``STORE_GET``).
 
+A request for a model that already has a running λPipe multicast from the same sources (or a
+subset of them) joins it instead of starting a second copy from the store (a burst scales out
+in waves; see :mod:`services.transfer.merge`): the newcomers are added to the running driver,
+which re-plans its remaining chunks over every receiver, and the reply is that transfer's id
+with ``joined`` set. Its progress, end events and ``TRANSFER_STATUS`` then list every receiver;
+``started`` in the status is the time of the latest join (a transfer "started" before a
+receiver's row was written would not count as covering it).
+
 Who is blamed for a failed edge: no responder / no reply → the sender; a data-plane error
 reported by the sender (TransportError, RegionAccessDenied) → the receiver.
 """
@@ -20,9 +28,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from services.transfer.driver import TransferDriver, TransferResult
+from services.transfer.merge import RunningMulticast, transfer_to_join
 from services.transfer.planner import Edge, MulticastPlan, plan_multicast
 from services.transfer.progress import MulticastProgress, chunk_sizes_from_manifest
 from shared import metrics_schema as ms
@@ -33,6 +44,7 @@ from shared.errors import (
     LScaleError,
     NoResponders,
     NotConnected,
+    PlanError,
     RequestTimeout,
     TransferNotFound,
     TransportError,
@@ -51,6 +63,17 @@ def sender_subject(node: str) -> str:
     return subjects.STORE_SOURCE if node == STORE_SOURCE_ID else subjects.exec_send(node)
 
 
+@dataclass
+class _Running:
+    """A running transfer: its first request, plan and driver, and every receiver's region
+    (newcomers' added as they join)."""
+
+    req: StartTransfer
+    plan: MulticastPlan
+    driver: TransferDriver
+    regions: dict[str, dict[str, Any]]
+
+
 class TransferService(Service[ServiceConfig]):
     kind = "transfer"
     description = "λScale transfer: multicast planning (λPipe, k-way, baselines) and driving"
@@ -58,6 +81,7 @@ class TransferService(Service[ServiceConfig]):
     async def setup(self) -> None:
         self.transfers: dict[str, dict[str, Any]] = {}
         self.progress: dict[str, MulticastProgress] = {}  # running transfers only
+        self.running: dict[str, _Running] = {}  # running transfers only
         await self.endpoint("start", subjects.TRANSFER_START, self._start,
                             message_type=StartTransfer, queue="transfer")
         await self.endpoint("status", subjects.TRANSFER_STATUS, self._status)
@@ -90,6 +114,9 @@ class TransferService(Service[ServiceConfig]):
         missing = [r for r in req.receivers if r not in req.regions]
         if missing:
             raise BadRequest(f"no region descriptor for receivers {missing}")
+        joined = self._join(req)
+        if joined is not None:
+            return joined
         plan = plan_multicast(req.strategy, req.sources, req.receivers, req.num_blocks,
                               req.parts)
         tid = req.transfer_id or secrets.token_hex(6)
@@ -101,18 +128,52 @@ class TransferService(Service[ServiceConfig]):
         self.progress[tid] = MulticastProgress.start(
             req.model, req.strategy, list(plan.receivers), req.num_blocks * req.parts,
             req.regions)
+        regions = {r: req.regions[r] for r in req.receivers}
+        driver = TransferDriver(plan, self._sender(tid, req, regions))
+        self.running[tid] = _Running(req, plan, driver, regions)
         self.spawn(self._drive(tid, req, plan), name=f"transfer-{tid}")
         self.log.info("transfer started", transfer=tid, model=req.model,
                       strategy=req.strategy, sources=len(req.sources),
                       receivers=len(req.receivers), ticks=plan.num_ticks)
         return TransferStarted(transfer_id=tid, ticks=plan.num_ticks, optimal=plan.optimal)
 
+    def _join(self, req: StartTransfer) -> TransferStarted | None:
+        """Add ``req``'s receivers to a running multicast it may join; None: start its own."""
+        candidates = [RunningMulticast(
+            transfer_id=t, model=r.req.model, sources=frozenset(r.req.sources),
+            nodes=frozenset(r.driver.held) | frozenset(r.driver.failed),
+            strategy=r.req.strategy, num_blocks=r.req.num_blocks, parts=r.req.parts)
+            for t, r in self.running.items() if not r.driver.closed]
+        tid = transfer_to_join(candidates, req)
+        if tid is None:
+            return None
+        running = self.running[tid]
+        receivers = list(req.receivers)
+        try:
+            ticks = running.driver.add_receivers(receivers)
+        except PlanError as exc:
+            self.log.info("cannot join the running transfer", transfer=tid, error=str(exc))
+            return None
+        for r in receivers:
+            running.regions[r] = req.regions[r]
+        self.transfers[tid]["receivers"].extend(receivers)
+        self.transfers[tid]["started"] = time.time()
+        self.transfers[tid]["joins"] = self.transfers[tid].get("joins", 0) + 1
+        tracker = self.progress.get(tid)
+        if tracker is not None:
+            tracker.add_receivers(receivers, req.regions)
+        self.log.info("receivers joined the running transfer", transfer=tid, model=req.model,
+                      joined=len(receivers), receivers=len(running.driver.receivers),
+                      ticks=ticks)
+        return TransferStarted(transfer_id=tid, ticks=ticks, optimal=False, joined=True)
+
     async def _drive(self, tid: str, req: StartTransfer, plan: MulticastPlan) -> None:
         watchers = [self.spawn(self._chunk_sizes(tid, req), name=f"sizes-{tid}"),
                     self.spawn(self._progress_events(tid), name=f"progress-{tid}")]
         try:
-            await self._run_plan(tid, req, plan)
+            await self._run_plan(tid, req)
         finally:
+            self.running.pop(tid, None)
             self.progress.pop(tid, None)
             for task in watchers:
                 task.cancel()
@@ -140,11 +201,14 @@ class TransferService(Service[ServiceConfig]):
                                 receivers=tracker.receivers())
             await asyncio.sleep(PROGRESS_EVENT_INTERVAL_S)
 
-    async def _run_plan(self, tid: str, req: StartTransfer, plan: MulticastPlan) -> None:
+    def _sender(self, tid: str, req: StartTransfer, regions: dict[str, dict[str, Any]]
+                ) -> Callable[[Edge], Awaitable[None]]:
+        """The driver's ``send``: one ``SendChunks`` request to the edge's sender.
+        ``regions`` grows when receivers join."""
         progress = subjects.transfer_progress(tid)
 
         async def send(edge: Edge) -> None:
-            request = SendChunks(model=req.model, target=req.regions[edge.dst],
+            request = SendChunks(model=req.model, target=regions[edge.dst],
                                  chunks=[edge.chunk], parts=req.parts, transfer_id=tid)
             try:
                 await self.bus.request(sender_subject(edge.src), request, reply_type=Ack,
@@ -162,7 +226,11 @@ class TransferService(Service[ServiceConfig]):
                 transfer_id=tid, model=req.model, state="running", time=time.time(),
                 receiver=edge.dst, chunk=edge.chunk))
 
-        driver = TransferDriver(plan, send)
+        return send
+
+    async def _run_plan(self, tid: str, req: StartTransfer) -> None:
+        progress = subjects.transfer_progress(tid)
+        driver = self.running[tid].driver
         try:
             result = await driver.run(TRANSFER_TIMEOUT_S)
         except LScaleError as exc:

@@ -165,3 +165,38 @@ async def test_hanging_sends_to_a_dropped_node_are_cancelled() -> None:
     assert cancelled == [Edge("a", "b", 0)]
     assert list(result.failed) == ["a"] and result.complete and result.replans == 1
     assert net.holds["b"] == {0, 1}
+
+
+async def test_receivers_joining_mid_run_are_fed_by_relays_not_a_second_copy() -> None:
+    blocks = 16
+    plan = plan_multicast("lambdapipe", ["s"], ["r0"], blocks, 1)
+    net = _net_for(plan)
+    driver = TransferDriver(plan, net.send)
+    run = asyncio.create_task(driver.run(10))
+    await asyncio.sleep(TICK * 4.5)  # r0 holds a few chunks by now
+    assert 0 < len(net.holds.get("r0", ())) < blocks
+    newcomers = [f"n{i}" for i in range(4)]
+    ticks = driver.add_receivers(newcomers)
+    assert ticks > 0
+    result = await run
+    assert result.complete and not result.failed
+    for r in ["r0", *newcomers]:
+        assert net.holds[r] == set(range(blocks)), r
+        assert r in result.completion_s
+    assert set(result.bytes_received) == {"r0", *newcomers}
+    from_store = sum(e.src == "s" for e in net.delivered)
+    # one copy, plus at most a little for what no relay had yet; two waves would be 2x
+    assert from_store < 1.5 * blocks, from_store
+    assert len(net.delivered) == 5 * blocks  # nothing sent twice to the same receiver
+    with pytest.raises(PlanError, match="ended"):
+        driver.add_receivers(["late"])
+
+
+def test_joining_with_a_node_already_in_it_is_refused() -> None:
+    plan = plan_multicast("lambdapipe", ["s"], ["r0"], 4, 1)
+    driver = TransferDriver(plan, _net_for(plan).send)
+    with pytest.raises(PlanError, match="already"):
+        driver.add_receivers(["r0"])
+    with pytest.raises(PlanError, match="already"):
+        driver.add_receivers(["s"])
+    assert driver.receivers == ["r0"]

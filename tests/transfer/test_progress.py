@@ -135,3 +135,17 @@ async def test_service_publishes_receiver_bytes_while_running(nats_server: NatsS
         await svc.stop()
         for p in peers:
             await p.close()
+
+
+def test_joined_receivers_are_listed_with_their_own_totals() -> None:
+    tracker = MulticastProgress.start("m", "lambdapipe", ["a"], 4, {"a": {"size": 400}})
+    tracker.chunk_landed("a", 0)
+    before = tracker.version
+    tracker.add_receivers(["b"], {"b": {"size": 400}})
+    assert tracker.version > before
+    tracker.chunk_landed("b", 1)
+    tracker.chunk_landed("b", 2)
+    got = tracker.receivers()
+    assert sorted(got) == ["a", "b"]
+    assert [got[r][ms.RECEIVER_BYTES_DONE] for r in ("a", "b")] == [100, 200]
+    assert got["b"][ms.RECEIVER_BYTES_TOTAL] == 400
