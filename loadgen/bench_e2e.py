@@ -28,14 +28,13 @@ timer's random phase decides how many requests each wave of new instances is siz
 Two properties of the system shape the result (the JSON's per-mode summaries list every
 multicast, its sources and receivers, and every instance's load time):
 
-* from zero the only source is the store: one binomial pipeline, whose receivers all hold the
-  same prefix of blocks at every tick (the store sends each block once, in order), so no set
-  of partial copies covers the model before the first complete copy — execution pipelines
-  cannot form, and ``lambdascale`` behaves like ``multicast_only`` until a later wave is
-  multicast from k >= 2 running instances (rotated block orders);
-* each scale-out decision starts its own multicast: waves decided while an earlier wave still
-  loads from the store share the store's link with it (they do not join the running
-  multicast), so a burst met by several small waves loads at about the pull-from-store pace.
+* from zero the only source is the store: one binomial pipeline, in which the receivers
+  together cover the model only about one block-time before the first of them holds it all
+  (tests/e2e/test_execute_while_load.py measures this window), so ``lambdascale`` gains little
+  over ``multicast_only`` from zero; pipelines pay off when a later wave is multicast from
+  k >= 2 running instances (rotated block orders);
+* waves decided while an earlier wave still loads from the store join the running multicast
+  (services/transfer/merge.py) instead of sharing the store's link with a second one.
 
 The model is a random-weight Llama-family checkpoint generated here (``--layers``,
 ``--hidden`` ...: tens of MB in float32, yet cheap enough per token for a CPU), ingested once
