@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadgen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_path, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        # add_help=False: `-h` must reach the command's own parser, which lists its options
+        p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(module_path=module_path)
     # parse only the command name first, so that each command's module (and its heavy imports)
     # is loaded only when that command runs

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link-mbit", type=float, default=400.0)
     parser.add_argument("--model-mb", type=int, default=256, help="model size in MiB")
     parser.add_argument("--blocks", type=int, default=8)
-    parser.add_argument("--parts", type=int, default=8, help="chunks per block")
+    parser.add_argument("--parts", type=int, default=16,
+                        help="chunks per block (16: 2 MiB chunks of a 256 MiB model; a binomial "
+                        "pipeline's fill costs ceil(log2 n) - 1 chunk-times, so smaller chunks help)")
     parser.add_argument("--strategies", default=",".join(STRATEGY_CHOICES),
                         help=f"comma-separated subset of {','.join(STRATEGY_CHOICES)}")
     parser.add_argument("--no-k2", action="store_true", help="skip the two-holder run")
