@@ -696,9 +696,9 @@ def _chunk_error(chunk: TokenChunk) -> LScaleError:
                        f"finish reason {chunk.finish_reason!r}")
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
+def _quantile(sorted_values: Sequence[float], q: float) -> float | None:
     if not sorted_values:
-        return 0.0
+        return None  # no sample: "unknown", not 0 s (dashboards show "-")
     if len(sorted_values) == 1:
         return sorted_values[0]
     cuts = statistics.quantiles(sorted_values, n=100, method="inclusive")
