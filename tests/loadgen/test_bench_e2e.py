@@ -23,8 +23,6 @@ from loadgen.client import RequestRecord
 from loadgen.stats import Slo
 from loadgen.trace import Arrival
 
-TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure_llm_2023_conv.csv"
-
 
 def record(i: int, ttft: float | None, e2e: float | None, error: str | None = None
            ) -> RequestRecord:
@@ -102,10 +100,15 @@ def test_event_log_times_loads_of_assigned_executors() -> None:
 @pytest.mark.timeout(180)
 def test_bench_e2e_smoke_all_modes(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    # a small trace in the Azure format, so the test needs nothing beside the checkout
+    trace = tmp_path / "trace.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{46 + i // 10}.{(i % 10) * 1000000:07d},{20 + i},{5 + i % 3}\n"
+        for i in range(14)))
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "loadgen", "bench-e2e", "--json", "--out", str(out),
-         "--trace", str(TRACE), "--start", "1865", "--duration", "1.2", "--executors", "1",
+         "--trace", str(trace), "--start", "0", "--duration", "1.2", "--executors", "1",
          "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
          "--intermediate", "128", "--vocab", "512", "--blocks", "2", "--parts", "1",
          "--link-mbit", "1000", "--max-prompt-tokens", "8", "--max-output-tokens", "3",

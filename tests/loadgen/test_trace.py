@@ -23,7 +23,8 @@ from loadgen.trace import (
 )
 from shared.errors import BadRequest
 
-AZURE = Path("/work/shared/data/azure_llm_2023_conv.csv")
+# ../shared/data beside the checkout (CI clones with shared/ beside it)
+AZURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "azure_llm_2023_conv.csv"
 
 
 @pytest.mark.skipif(not AZURE.is_file(), reason="the shared Azure trace is not on this machine")
