@@ -28,11 +28,11 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import structlog
 
 from shared.errors import RegionAccessDenied, TransportError
 from shared.transport.base import OnWrite, RegionDescriptor
+from shared.transport.control import call, check_reply, recv_frame, send_frame
 from shared.transport.tcp import check_write, run_on_write
 
 log = structlog.get_logger("transport.rdma")
@@ -117,20 +117,8 @@ class _Verbs:
         qp.to_rts(attr)
 
 
-async def _send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-    raw = msgpack.packb(msg)
-    writer.write(len(raw).to_bytes(4, "little") + raw)
-    await writer.drain()
 
 
-async def _recv(reader: asyncio.StreamReader) -> dict[str, Any]:
-    size = int.from_bytes(await reader.readexactly(4), "little")
-    if size > 1 << 16:
-        raise TransportError("setup frame too large")
-    msg = msgpack.unpackb(await reader.readexactly(size))
-    if not isinstance(msg, dict):
-        raise TransportError("setup frame is not a map")
-    return msg
 
 
 async def _poll(cq: Any, timeout_s: float) -> Any:
@@ -203,7 +191,7 @@ class RdmaRegionServer:
         try:
             while True:
                 try:
-                    msg = await _recv(reader)
+                    msg = await recv_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 try:
@@ -213,7 +201,7 @@ class RdmaRegionServer:
                         qp, cq = verbs.new_qp()
                         psn = secrets.randbelow(1 << 24)
                         verbs.connect(qp, msg, psn)
-                        await _send(writer, {"ok": True, **verbs.local_info(qp, psn),
+                        await send_frame(writer, {"ok": True, **verbs.local_info(qp, psn),
                                              "addr": _address_of(region.buffer),
                                              "rkey": region.mr.rkey})
                     elif msg.get("op") == "intent" and region is not None and qp is not None:
@@ -221,21 +209,21 @@ class RdmaRegionServer:
                         check_write(self._regions, region.region_id, region.token, offset,
                                     length)
                         qp.post_recv(verbs.mods["wr"].RecvWR(wr_id=int(msg["seq"])))
-                        await _send(writer, {"ok": True, "go": True})
+                        await send_frame(writer, {"ok": True, "go": True})
                         wc = await _poll(cq, self.timeout_s)
                         if wc.status != 0 or wc.imm_data != int(msg["seq"]):
                             raise TransportError(f"rdma write failed (status {wc.status})")
                         await run_on_write(region.on_write, region.region_id, offset, length,
                                            int(msg["tag"]))
-                        await _send(writer, {"ok": True, "tag": int(msg["tag"])})
+                        await send_frame(writer, {"ok": True, "tag": int(msg["tag"])})
                     else:
                         raise RegionAccessDenied("write before a successful hello")
                 except RegionAccessDenied as exc:
                     log.warning("rdma write refused", reason=exc.message)
-                    await _send(writer, {"ok": False, "denied": True, "error": exc.message})
+                    await send_frame(writer, {"ok": False, "denied": True, "error": exc.message})
                 except Exception as exc:
                     log.exception("rdma setup/write failed")
-                    await _send(writer, {"ok": False, "denied": False, "error": str(exc)})
+                    await send_frame(writer, {"ok": False, "denied": False, "error": str(exc)})
         finally:
             writer.close()
             if qp is not None:
@@ -264,18 +252,8 @@ class RdmaRegionWriter:
             raise TransportError(f"cannot reach rdma owner {host}:{port}: {exc}") from exc
 
     async def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self._reader is None or self._writer is None:
-            raise TransportError("writer is closed")
-        try:
-            await _send(self._writer, msg)
-            reply = await asyncio.wait_for(_recv(self._reader), self.timeout_s)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            raise TransportError(f"rdma setup channel failed: {exc!r}") from exc
-        if not reply.get("ok"):
-            if reply.get("denied"):
-                raise RegionAccessDenied(str(reply.get("error")))
-            raise TransportError(str(reply.get("error")))
-        return reply
+        return await call(self._reader, self._writer, msg, timeout_s=self.timeout_s,
+                          what="rdma setup channel")
 
     async def write(self, offset: int, data: memoryview, tag: int) -> None:
         src = memoryview(data).cast("B")
@@ -307,9 +285,7 @@ class RdmaRegionWriter:
                 mr.close()
             if self._reader is None:
                 raise TransportError("writer is closed")
-            reply = await asyncio.wait_for(_recv(self._reader), self.timeout_s)
-            if not reply.get("ok"):
-                raise TransportError(str(reply.get("error")))
+            check_reply(await asyncio.wait_for(recv_frame(self._reader), self.timeout_s))
 
     async def close(self) -> None:
         if self._writer is not None:

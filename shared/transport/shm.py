@@ -19,22 +19,19 @@ import contextlib
 import mmap
 import os
 import secrets
-import struct
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import structlog
 
 from shared.errors import RegionAccessDenied, TransportError
 from shared.transport.base import OnWrite, RegionDescriptor
+from shared.transport.control import call, recv_frame, send_frame
 from shared.transport.tcp import check_write, run_on_write
 
 log = structlog.get_logger("transport.shm")
 
-_FRAME = struct.Struct("<I")
-_MAX_FRAME = 1 << 16
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 SHM_PREFIX = "lse-shm-"
 
@@ -54,20 +51,8 @@ class _Allocation:
     mapping: mmap.mmap
 
 
-async def _send(writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
-    raw = msgpack.packb(msg)
-    writer.write(_FRAME.pack(len(raw)) + raw)
-    await writer.drain()
 
 
-async def _recv(reader: asyncio.StreamReader) -> dict[str, Any]:
-    (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-    if size > _MAX_FRAME:
-        raise TransportError(f"control frame of {size} bytes is too large")
-    msg = msgpack.unpackb(await reader.readexactly(size))
-    if not isinstance(msg, dict):
-        raise TransportError("control frame is not a map")
-    return msg
 
 
 class ShmRegionServer:
@@ -144,7 +129,7 @@ class ShmRegionServer:
         try:
             while True:
                 try:
-                    msg = await _recv(reader)
+                    msg = await recv_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 op = msg.get("op")
@@ -152,7 +137,7 @@ class ShmRegionServer:
                     if op == "hello":
                         region = check_write(self._regions, str(msg.get("region_id")),
                                              str(msg.get("token")), 0, 0)
-                        await _send(writer, {"ok": True, "path": region.path,
+                        await send_frame(writer, {"ok": True, "path": region.path,
                                              "size": len(region.buffer)})
                     elif op == "commit":
                         if region is None:
@@ -163,15 +148,15 @@ class ShmRegionServer:
                                     length)
                         await run_on_write(region.on_write, region.region_id, offset, length,
                                            tag)
-                        await _send(writer, {"ok": True, "tag": tag})
+                        await send_frame(writer, {"ok": True, "tag": tag})
                     else:
                         raise TransportError(f"unknown control op {op!r}")
                 except RegionAccessDenied as exc:
                     log.warning("shm write refused", op=op, reason=exc.message)
-                    await _send(writer, {"ok": False, "denied": True, "error": exc.message})
+                    await send_frame(writer, {"ok": False, "denied": True, "error": exc.message})
                 except Exception as exc:
                     log.exception("shm control failed", op=op)
-                    await _send(writer, {"ok": False, "denied": False, "error": str(exc)})
+                    await send_frame(writer, {"ok": False, "denied": False, "error": str(exc)})
         finally:
             writer.close()
             if task is not None:
@@ -199,18 +184,8 @@ class ShmRegionWriter:
             raise TransportError(f"cannot reach shm owner at {path!r}: {exc}") from exc
 
     async def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self._reader is None or self._writer is None:
-            raise TransportError("writer is closed")
-        try:
-            await _send(self._writer, msg)
-            reply = await asyncio.wait_for(_recv(self._reader), self.timeout_s)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            raise TransportError(f"shm control channel failed: {exc!r}") from exc
-        if not reply.get("ok"):
-            if reply.get("denied"):
-                raise RegionAccessDenied(str(reply.get("error", "denied")))
-            raise TransportError(str(reply.get("error", "owner failed the write")))
-        return reply
+        return await call(self._reader, self._writer, msg, timeout_s=self.timeout_s,
+                          what="shm control channel")
 
     async def _ensure_mapped(self) -> memoryview:
         if self._view is None:
