@@ -314,7 +314,7 @@ class ClusterRun:
     def start(self) -> None:
         """Start everything (from the main thread: children die with their parent thread)."""
         from shared.natsserver import NatsServer
-        from shared.process import die_with_parent
+        from shared.process import parent_death_hook
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.nats = NatsServer(host=self.nats_host, store_dir=self.state_dir / "nats",
@@ -363,7 +363,8 @@ class ClusterRun:
             log = logs / f"{name}.log"
             with log.open("ab") as out:
                 proc = subprocess.Popen(argv, env=full_env, stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                        stderr=subprocess.STDOUT,
+                                        preexec_fn=parent_death_hook(new_session=True))
             self.procs.append(_Proc(name, proc, log))
 
     def cpu_seconds(self) -> dict[str, float]:

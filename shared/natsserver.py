@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from shared.errors import ConfigError, LScaleError
-from shared.process import die_with_parent
+from shared.process import parent_death_hook
 
 _LISTEN = re.compile(r"Listening for client connections on ([\d.]+|\[[^\]]+\]):(\d+)")
 _READY = "Server is ready"
@@ -87,7 +87,7 @@ class NatsServer:
         # before we have drained our services (we stop it ourselves); and it dies with us
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
+            preexec_fn=parent_death_hook(new_session=True),
         )
         deadline = time.monotonic() + self.startup_timeout
         port: int | None = None

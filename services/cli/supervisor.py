@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.process import die_with_parent
+from shared.process import parent_death_hook
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Supervisor:
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
                 spec.argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                stderr=subprocess.STDOUT, preexec_fn=parent_death_hook(new_session=True),
             )
         old = self.children.get(spec.name)
         child = Child(spec, proc, log_path)

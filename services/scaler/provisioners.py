@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
 from shared.errors import ConfigError, ExecutorNotFound, InvalidParameter, Unavailable
+from shared.process import parent_death_hook
 
 EXECUTOR_ID_ENV = "LSCALE_EXECUTOR_ID"
 
@@ -83,27 +83,6 @@ def _fill(template: Sequence[str], values: Mapping[str, str]) -> builtins.list[s
 # ------------------------------------------------------------------------------------------
 # local processes
 # ------------------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _parent_death_hook(sig: int) -> Callable[[], None]:
-    """A preexec_fn asking Linux to send ``sig`` to the child when its parent dies, so that
-    a scaler killed with SIGKILL leaves no orphan executors."""
-    parent = os.getpid()
-
-    def hook() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        except (OSError, AttributeError):
-            return
-        # The parent may have died between fork and prctl: then nobody would signal us.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
-
 
 @dataclass
 class _Child:
@@ -178,7 +157,7 @@ class LocalProcessProvisioner:
             self._log_dir.mkdir(parents=True, exist_ok=True)
             log = open(self._log_dir / f"{executor_id}.log", "ab")  # noqa: SIM115 (kept open)
         preexec = (
-            _parent_death_hook(self._parent_death_signal)
+            parent_death_hook(self._parent_death_signal)
             if self._parent_death_signal is not None and sys.platform.startswith("linux")
             else None
         )
