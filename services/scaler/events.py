@@ -117,7 +117,8 @@ def action_event(action: Action, time: float, source: str = SOURCE) -> Event:
     model: str | None
     if isinstance(action, Assign):
         kind, reason, model = "scale.assign", action.source_tier.value, action.model
-        data.update(executor_id=action.executor_id, transfer=action.transfer)
+        data.update(executor_id=action.executor_id, transfer=action.transfer,
+                    load_from=action.load_from)
     elif isinstance(action, StartMulticast):
         request = action.request
         kind, reason, model = "scale.multicast", request.source_tier.value, request.model

@@ -45,6 +45,8 @@ from services.scaler.policy import LoadSnapshot
 from shared.errors import DecodeError, PlanError
 
 INSTANCE_KV_PREFIX = "instance."
+LOAD_HOST = "host"  # the executor loads the host-memory copy it kept
+LOAD_MULTICAST = "multicast"  # the executor exposes its buffer and a multicast fills it
 
 
 class InstanceState(StrEnum):
@@ -63,6 +65,15 @@ class InstanceRecord:
     state: InstanceState = InstanceState.LOADING
     started_at: float = 0.0
     source_tier: str = ""
+    # how its weights arrive: "host" (its own host copy) or "multicast" (a transfer fills
+    # its buffer, whatever tier the transfer's sources are in)
+    load_from: str = ""
+
+    @property
+    def loads_host_copy(self) -> bool:
+        if self.load_from:
+            return self.load_from == LOAD_HOST
+        return self.source_tier == Tier.HOST.value  # a row written before load_from existed
 
     @property
     def kv_key(self) -> str:
@@ -76,6 +87,7 @@ class InstanceRecord:
             "state": self.state.value,
             "started_at": self.started_at,
             "source_tier": self.source_tier,
+            "load_from": self.load_from,
         }
 
     @classmethod
@@ -90,6 +102,7 @@ class InstanceRecord:
                 state=InstanceState(raw.get("state", InstanceState.LOADING.value)),
                 started_at=float(raw.get("started_at", 0.0)),
                 source_tier=str(raw.get("source_tier", "")),
+                load_from=str(raw.get("load_from", "")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise DecodeError(f"instance record: {exc!r}") from exc
@@ -122,14 +135,23 @@ class StoreHoldings:
 
 @dataclass(frozen=True)
 class Assign:
-    """Give ``executor_id`` an instance of ``deployment``; ``source_tier`` says how its
-    weights arrive (``host``: load its own host copy; otherwise the multicast ``transfer``)."""
+    """Give ``executor_id`` an instance of ``deployment``.
+
+    Without ``transfer`` it loads its own host copy (``source_tier`` ``host``). With one, it
+    *receives* that multicast, whatever tier the multicast's sources are in: ``source_tier``
+    then names the sources' tier (for events and the table), never how the receiver loads —
+    a receiver told to load from ``host`` because its source was a host copy would refuse
+    (it keeps no copy of its own)."""
 
     deployment: str
     model: str
     executor_id: str
     source_tier: Tier
     transfer: str | None = None  # key of the StartMulticast feeding it
+
+    @property
+    def load_from(self) -> str:
+        return LOAD_MULTICAST if self.transfer is not None else LOAD_HOST
 
     @property
     def key(self) -> str:

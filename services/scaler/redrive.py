@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.scaler.observe import Observation
-from services.scaler.placement import Tier
 from services.scaler.reconcile import InstanceRecord, InstanceState
 from shared.messages import ExecutorStatus
 
@@ -102,7 +101,7 @@ def stalled_rows(
         record = instances[eid]
         if record.state is not InstanceState.LOADING or eid in busy:
             continue
-        if record.source_tier == Tier.HOST.value:
+        if record.loads_host_copy:
             continue
         inherited = started_at is not None and record.started_at < started_at
         if now - record.started_at < after_s and not inherited:

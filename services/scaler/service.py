@@ -81,9 +81,8 @@ from services.scaler.events import (
     placement_event,
     scale_in_event,
 )
-from services.scaler.kv_mirror import KvMirror
 from services.scaler.observe import Observation
-from services.scaler.placement import DEFAULT_STRATEGY, STORE_SOURCE_ID, Tier, plan_multicast
+from services.scaler.placement import DEFAULT_STRATEGY, STORE_SOURCE_ID, plan_multicast
 from services.scaler.policy import (
     Decision,
     LoadSnapshot,
@@ -99,6 +98,7 @@ from services.scaler.provisioners import (
 )
 from services.scaler.reconcile import (
     INSTANCE_KV_PREFIX,
+    LOAD_HOST,
     Action,
     Adopt,
     Assign,
@@ -132,6 +132,7 @@ from shared.errors import (
     RequestTimeout,
 )
 from shared.kv import bucket, kv_delete, kv_get, kv_put
+from shared.kv_mirror import KvMirror
 from shared.messages import (
     AssignModel,
     AssignReply,
@@ -272,8 +273,10 @@ async def fetch_manifest(bus: Bus, model: str, timeout: float) -> ManifestLookup
 # ------------------------------------------------------------------------------------------
 
 
-def _load_from(tier: Tier) -> str:
-    return "host" if tier is Tier.HOST else "none"
+def _load_from(action: Assign) -> str:
+    """The executor's ``AssignModel.load_from``: ``host`` only for a local load of its own
+    host copy; a multicast receiver waits for the multicast (``none``)."""
+    return "host" if action.load_from == LOAD_HOST else "none"
 
 
 class ScalerService(Service[ScalerConfig]):
@@ -862,7 +865,7 @@ class ScalerService(Service[ScalerConfig]):
             return None
         started = time.time()
         record = InstanceRecord(eid, action.deployment, action.model, InstanceState.LOADING,
-                                started, action.source_tier.value)
+                                started, action.source_tier.value, action.load_from)
         try:
             await self._kv_put(self.instances_kv, record.kv_key, record.to_dict())
         except BusError as exc:
@@ -872,7 +875,7 @@ class ScalerService(Service[ScalerConfig]):
         self._since[eid] = started
         self._publish(action_event(action, started, self._source))
         body = {"op": "assign", **AssignModel(model=action.model, manifest=manifest,
-                                              load_from=_load_from(action.source_tier),
+                                              load_from=_load_from(action),
                                               transport=self.config.transport,
                                               parts=self.config.multicast_parts).to_wire()}
         try:
@@ -933,7 +936,8 @@ class ScalerService(Service[ScalerConfig]):
             for assign in assigns:
                 if assign.executor_id in regions:
                     record = InstanceRecord(assign.executor_id, assign.deployment, assign.model,
-                                            InstanceState.LOADING, now, assign.source_tier.value)
+                                            InstanceState.LOADING, now, assign.source_tier.value,
+                                            assign.load_from)
                     await self._send_release(record, keep_host_copy=False, evict=())
             return
         transfer_id = reply.get("transfer_id") if isinstance(reply, dict) else None

@@ -93,6 +93,10 @@ class FakeExecutor:
             self.assigns.append(request)
             if self.fail_assign:
                 raise InvalidParameter("this executor refuses every model")
+            if request.load_from == "host" and request.model not in self.host_copies:
+                # what the real executor answers (services/executor/service.py)
+                raise ModelNotFound(f"executor {self.id} keeps no host copy of "
+                                    f"{request.model!r}")
             self.model = request.model
             if request.load_from == "host" and request.model in self.host_copies:
                 self.ready_layers = list(range(NUM_LAYERS))
@@ -446,6 +450,31 @@ async def test_sources_come_in_tier_order(cluster: Cluster) -> None:
     assert request["sources"] == ["e0"] and request["source_tier"] == "gpu"
     assert sorted(request["receivers"]) == ["e1", "e2"]
     assert cluster.kinds("scale.placement")[-1].reason == "gpu"
+
+
+async def test_burst_after_scale_to_zero_reaches_max_from_one_host_copy(
+        cluster: Cluster) -> None:
+    # Scale-to-zero left a host copy on e0 only; a burst wants 4 instances (max 4). e0 loads
+    # its own copy; e1..e3 receive a multicast and must be told to receive, not to load a
+    # host copy they do not keep (they would refuse: peak 1 instance instead of 4).
+    await cluster.add_executor("e0", host_copies=("m",))
+    for i in range(1, 4):
+        await cluster.add_executor(f"e{i}")
+    await cluster.start_scaler()
+    await cluster.deploy(name="d", model="m", max_instances=4, target_concurrency=4,
+                         keep_alive_s=30)
+    cluster.router.queued = {"m": 16}
+
+    async def four_ready() -> bool:
+        rows = await cluster.instances()
+        return len(rows) == 4 and all(r["state"] == "ready" for r in rows.values())
+
+    await wait_until(four_ready, timeout=10, what="4 ready instances")
+    by_executor = {eid: a.load_from for eid, a in cluster.assigns()}
+    assert by_executor == {"e0": "host", "e1": "none", "e2": "none", "e3": "none"}
+    assert not cluster.kinds("scale.assign.failed")
+    rows = await cluster.instances()
+    assert {r["load_from"] for k, r in rows.items() if k != "instance.e0"} == {"multicast"}
 
 
 async def test_restarted_scaler_does_not_assign_twice(cluster: Cluster) -> None:
