@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.config import ServiceConfig
-from shared.errors import ConfigError
+from shared.costmodel import parse_pace
+from shared.errors import ConfigError, InvalidParameter
 
 DEVICES = ("auto", "cpu", "cuda")
 TRANSPORTS = ("tcp", "shm", "rdma", "auto")
@@ -44,6 +45,9 @@ class ExecutorConfig(ServiceConfig):
         "help": "an assign from the store waits this long for an immediate refusal"})
     max_stage_bytes: int = field(default=0, metadata={
         "help": "largest stage message (0: the NATS server's max_payload)"})
+    pace: str = field(default="", metadata={
+        "help": "EMULATION: make each forward pass take what GPU[xTP]:MODEL would take, e.g. "
+                "h100:llama-2-7b (python -m loadgen cost-model lists them); off when empty"})
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +67,11 @@ class ExecutorConfig(ServiceConfig):
                 raise ConfigError(name, "must be > 0")
         if self.store_probe_s < 0:
             raise ConfigError("store_probe_s", "must be >= 0")
+        if self.pace:
+            try:
+                parse_pace(self.pace)
+            except InvalidParameter as exc:
+                raise ConfigError("pace", exc.message) from None
 
     @property
     def kv_budget_bytes(self) -> int:

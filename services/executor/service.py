@@ -59,7 +59,9 @@ from services.executor.requests import parse_stages, sampling_from_wire
 from services.executor.weights import HostCopies, HostCopy, parse_manifest, same_weights
 from shared import metrics_schema as ms
 from shared import subjects
+from shared.costmodel import parse_pace
 from shared.engine import Engine, ModelRunner
+from shared.engine.pacing import StepPacer
 from shared.errors import (
     ConfigError,
     DecodeError,
@@ -115,6 +117,9 @@ class ExecutorService(Service[ExecutorConfig]):
     def __init__(self, config: ExecutorConfig) -> None:
         super().__init__(config)
         self.device = resolve_device(config.device)
+        # EMULATION (off by default): forward passes take a named GPU's time (shared.costmodel)
+        self.pace = parse_pace(config.pace) if config.pace else None
+        self._pacers: dict[str, StepPacer] = {}
         self.compute = ComputeThread()
         self.host_copies = HostCopies(config.host_budget_bytes)
         self.copy: WeightCopy | None = None
@@ -396,7 +401,17 @@ class ExecutorService(Service[ExecutorConfig]):
         cfg = self.config
         return Engine(copy.manifest.config, copy.views(), device=self.device,
                       kv_budget_bytes=cfg.kv_budget_bytes, max_seq_len=cfg.max_seq_len or None,
-                      max_running=cfg.max_running or None, max_batch_tokens=cfg.max_batch_tokens)
+                      max_running=cfg.max_running or None, max_batch_tokens=cfg.max_batch_tokens,
+                      pacer=self._pacer(copy))
+
+    def _pacer(self, copy: WeightCopy) -> StepPacer | None:
+        """One pacer per model (the local engine and the stage runner share its figures)."""
+        if self.pace is None:
+            return None
+        pacer = self._pacers.get(copy.model)
+        if pacer is None or pacer.model_layers != copy.manifest.num_layers:
+            pacer = self._pacers[copy.model] = StepPacer(self.pace, copy.manifest.num_layers)
+        return pacer
 
     async def _local_driver(self, copy: WeightCopy) -> EngineDriver:
         if not copy.complete:
@@ -434,7 +449,7 @@ class ExecutorService(Service[ExecutorConfig]):
         return ModelRunner(model_config, copy.views(), device=self.device,
                            kv_budget_bytes=cfg.kv_budget_bytes,
                            max_seq_len=cfg.max_seq_len or None, max_rows=cfg.max_running or None,
-                           is_layer_ready=copy.readiness.is_layer_ready)
+                           is_layer_ready=copy.readiness.is_layer_ready, pacer=self._pacer(copy))
 
     def _max_message_bytes(self) -> int:
         limit = self.bus.max_payload
@@ -577,4 +592,14 @@ class ExecutorService(Service[ExecutorConfig]):
             "host_budget_bytes": self.host_copies.budget_bytes,
             "device": str(self.device),
             "load_error": copy.load_error if copy else self._last_load_error,
+            **self._pace_figures(),
         }
+
+    def _pace_figures(self) -> dict[str, Any]:
+        """What pacing did (summed over models): every output that used it must say so."""
+        if self.pace is None:
+            return {"pace": None}
+        snaps = [p.snapshot() for p in self._pacers.values()]
+        keys = ("paced_passes", "paced_modelled_s", "paced_waited_s", "paced_behind_s",
+                "paced_passes_behind")
+        return {"pace": self.pace.label, **{k: sum(float(s[k]) for s in snaps) for k in keys}}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.engine.pacing import StepPacer
 from shared.engine.runner import DEFAULT_KV_BUDGET_BYTES, Chunk, ModelRunner, pick_device
 from shared.engine.sampling import SamplingParams, TokenSampler
 from shared.engine.scheduler import (
@@ -64,6 +65,7 @@ class Engine:
         max_running: int | None = None,
         max_batch_tokens: int = 2048,
         decode: Detokenize | None = None,
+        pacer: StepPacer | None = None,
     ) -> None:
         self.config = config
         if stages is None:
@@ -77,6 +79,7 @@ class Engine:
                     kv_budget_bytes=kv_budget_bytes,
                     max_seq_len=max_seq_len,
                     max_rows=max_running,
+                    pacer=pacer,
                 )
             ]
         if not stages:

@@ -23,6 +23,7 @@ axis (``[rows, kv_heads, group * q_len, head_dim]``), so K/V are never repeated.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.engine.kvcache import KVCache, kv_bytes_per_token, plan_slab
+from shared.engine.pacing import StepPacer
 from shared.engine.rope import RotaryEmbedding, rotate_half
 from shared.errors import (
     CheckpointError,
@@ -163,8 +165,10 @@ class ModelRunner:
         max_seq_len: int | None = None,
         max_rows: int | None = None,
         is_layer_ready: Callable[[int], bool] | None = None,
+        pacer: StepPacer | None = None,
     ) -> None:
         self.config = config
+        self.pacer = pacer  # when set, every forward pass takes the paced GPU's time
         first, last = layers if layers is not None else (0, config.num_layers)
         if not 0 <= first < last <= config.num_layers:
             raise ConfigError(
@@ -281,9 +285,19 @@ class ModelRunner:
         for each chunk's last token (``[N, vocab]`` with ``all_logits``). All checks happen
         before any state changes, so a refused call leaves the cache as it was.
         """
+        started = time.perf_counter()
         self.check_layers(layers)
         first, last = layers if layers is not None else (self.first, self.last)
         total = self._validate(chunks, inputs, first)
+        out = self._forward(chunks, inputs, first, last, total, all_logits)
+        if self.pacer is not None:
+            if out.device.type == "cuda":  # the real compute ends when the device is done
+                torch.cuda.synchronize(out.device)
+            self.pacer.finish(started, [(c.start, c.length) for c in chunks], first, last)
+        return out
+
+    def _forward(self, chunks: Sequence[Chunk], inputs: torch.Tensor, first: int, last: int,
+                 total: int, all_logits: bool) -> torch.Tensor:
         plan = self._plan(chunks, total)
         if first == 0:
             if self.embed is None:  # pragma: no cover - check_layers guarantees it

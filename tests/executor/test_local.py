@@ -117,3 +117,26 @@ async def test_stop_token_ends_with_stop(
                                 stop_token_ids=[stop_at])).wait()
     assert stream.finish_reason == "stop"
     assert stream.tokens == expected[:expected.index(stop_at) + 1]
+
+
+async def test_a_paced_executor_serves_the_same_tokens_and_reports_its_pace(
+        bus: Bus, tiny: TinyModel, store: StoreSource, make_executor: MakeExecutor) -> None:
+    """EMULATION: LSCALE_PACE makes passes take the named GPU's time; tokens do not change, and
+    the executor's metrics name the pace and what it waited (outputs that used it say so)."""
+    executor = await make_executor("e1", pace="a100:llama-2-13b")
+    ready = await Readiness.watch(bus, "e1")
+    await assign(bus, "e1", tiny, load_from="store")
+    await ready.until(lambda e: e.complete)
+    assert executor.metrics()["pace"] == "a100:llama-2-13b"
+    prompt = prompt_of(12, seed=3)
+    stream = await (await infer(bus, "e1", "paced", prompt, max_tokens=8)).wait()
+    assert stream.tokens == tiny.greedy(prompt, 8)
+    values = executor.metrics()
+    assert values["paced_passes"] >= 8
+    assert values["paced_waited_s"] > 0 and values["paced_modelled_s"] >= values["paced_waited_s"]
+
+
+async def test_an_unpaced_executor_says_so(
+        bus: Bus, tiny: TinyModel, make_executor: MakeExecutor) -> None:
+    executor = await make_executor("e2")
+    assert executor.metrics()["pace"] is None
