@@ -163,6 +163,13 @@ class WireTap:
         chunk = TokenChunk.from_wire(decode(msg.data))
         self.chunks.setdefault(chunk.request_id, []).append((time.monotonic(), chunk))
 
+    async def until_finished(self, request_ids: list[str], timeout: float = 10.0) -> None:
+        """Wait until the tap has seen each request's last chunk: the tap is a subscriber of its
+        own, so the router may answer over HTTP before the tap's callback has run."""
+        async with asyncio.timeout(timeout):
+            while any(self.finished_at(rid) is None for rid in request_ids):
+                await asyncio.sleep(0.01)
+
     def request_of_prompt(self, prompt: list[int]) -> str:
         """The router's request id of the one request whose first attempt had this prompt."""
         found = [rid for rid, attempts in self.requests.items()

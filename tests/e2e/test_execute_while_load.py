@@ -126,6 +126,7 @@ async def test_burst_is_served_through_pipelines_before_any_copy_completes(
         #    whole -------------------------------------------------------------------------
         routed = {_data(s)["request_id"]: _data(s) for s in events.kinds("request.routed")}
         burst_ids = [tap.request_of_prompt(p) for p in prompts]
+        await tap.until_finished(burst_ids)
         for rid, prompt, want in zip(burst_ids, prompts, expected, strict=True):
             assert routed[rid]["via"] == "pipeline", routed[rid]
             assert routed[rid]["attempt"] == 1 and len(routed[rid]["executors"]) >= 2
@@ -153,6 +154,7 @@ async def test_burst_is_served_through_pipelines_before_any_copy_completes(
             lambda s: len({_data(e)["executor_id"]
                            for e in events.kinds("instance.ready")}) == EXECUTORS, 20)
         again = await asyncio.wait_for(asyncio.gather(*(ask(p) for p in prompts)), 30)
+        await tap.until_finished([rid for rid in tap.requests if rid not in burst_ids])
     later = [rid for rid in tap.requests if rid not in burst_ids]
     assert len(later) == BURST
     for prompt, want, answer in zip(prompts, expected, again, strict=True):
