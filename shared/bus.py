@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
@@ -38,6 +39,7 @@ from shared.errors import (
     error_from_wire,
 )
 from shared.messages import Message
+from shared.natsauth import ClientAuth
 
 log = structlog.get_logger("bus")
 
@@ -45,6 +47,7 @@ M = TypeVar("M", bound=Message)
 DEFAULT_TIMEOUT = 5.0
 # how many handler tasks one subscription may run at once before it stops reading messages
 DEFAULT_CONCURRENCY = 256
+_KEEP_REFUSALS = 64
 
 
 def encode(obj: Any) -> bytes:
@@ -135,6 +138,8 @@ class Bus:
         self.decode_errors = 0
         self._closing: dict[str, bool] = {"yes": False}
         self._retired_tasks: set[asyncio.Task[None]] = set()
+        # the server's "Permissions Violation" errors on this connection, newest last
+        self.permission_violations: deque[str] = deque(maxlen=_KEEP_REFUSALS)
 
     @classmethod
     async def connect(
@@ -146,6 +151,7 @@ class Bus:
         initial_attempts: int = 4,
         max_reconnect_attempts: int = -1,
         reconnect_time_wait: float = 0.5,
+        auth: ClientAuth | None = None,
     ) -> Bus:
         """Connect, then keep reconnecting with back-off (``reconnect_time_wait`` between
         attempts; ``-1`` = forever) when the connection drops.
@@ -153,12 +159,24 @@ class Bus:
         The first connection gets ``initial_attempts`` tries: nats-py retries an initial
         connect as many times as it would reconnect, which with "forever" means a caller
         pointed at a wrong URL would hang instead of getting :class:`NotConnected`.
+
+        ``auth``: the credentials (:mod:`shared.natsauth`); None reads them from the
+        ``LSCALE_NATS_*`` variables (none set: an unauthenticated connection).
         """
 
         closing = {"yes": False}  # set by close()/drain(): a deliberate disconnect is not news
+        refusals: deque[str] = deque(maxlen=_KEEP_REFUSALS)
+        auth = ClientAuth.from_env() if auth is None else auth
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats error", error=str(exc), connection=name)
+            text = str(exc)
+            if "permissions violation" in text.lower():
+                # the server refused a publish or subscription of ours: a bug in this
+                # service's permissions, or a client that is not what it claims to be
+                refusals.append(text)
+                log.error("nats permission violation", error=text, connection=name)
+                return
+            log.warning("nats error", error=text, connection=name)
 
         async def on_disconnect() -> None:
             if not closing["yes"]:
@@ -178,12 +196,14 @@ class Bus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **auth.connect_options(),
             )
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise NotConnected(f"cannot connect to NATS at {url}: {exc}") from exc
         nc.options["max_reconnect_attempts"] = max_reconnect_attempts
         bus = cls(nc, name)
         bus._closing = closing
+        bus.permission_violations = refusals
         return bus
 
     # --- sending ------------------------------------------------------------------------

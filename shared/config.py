@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from shared.errors import ConfigError
+from shared.natsauth import ClientAuth
 
 C = TypeVar("C", bound="ServiceConfig")
 
@@ -40,6 +41,27 @@ class ServiceConfig:
     log_format: str = field(default="json", metadata={"help": "json|console"})
     metrics_interval_s: float = field(default=1.0, metadata={"help": "metrics snapshot period"})
     drain_timeout_s: float = field(default=10.0, metadata={"help": "grace period at shutdown"})
+    # NATS credentials (shared.natsauth): the ordinary NATS ways, as LSCALE_NATS_* variables.
+    # Prefer the variables (or the _file forms) to flags: flags show in `ps`.
+    nats_user: str = field(default="", metadata={"help": "NATS user (this service's identity)"})
+    nats_password: str = field(default="", repr=False, metadata={"help": "NATS password"})
+    nats_password_file: str = field(default="", metadata={"help": "file holding the password"})
+    nats_token: str = field(default="", repr=False, metadata={"help": "NATS token"})
+    nats_creds: str = field(default="", metadata={"help": "NATS .creds file (JWT auth)"})
+    nats_nkey: str = field(default="", metadata={"help": "NATS nkey seed file"})
+    nats_tls_ca: str = field(default="", metadata={"help": "CA file to trust for NATS TLS"})
+    nats_tls_cert: str = field(default="", metadata={"help": "client certificate for NATS TLS"})
+    nats_tls_key: str = field(default="", metadata={"help": "client key for NATS TLS"})
+    nats_inbox_prefix: str = field(default="", metadata={
+        "help": "reply inbox prefix (default _INBOX.<user> for λScale identities)"})
+
+    def nats_auth(self) -> ClientAuth:
+        """These settings as the bus' credentials."""
+        values = {f"LSCALE_{name.upper()}": str(getattr(self, name))
+                  for name in ("nats_user", "nats_password", "nats_password_file", "nats_token",
+                               "nats_creds", "nats_nkey", "nats_tls_ca", "nats_tls_cert",
+                               "nats_tls_key", "nats_inbox_prefix")}
+        return ClientAuth.from_env(values)
 
     def validate(self) -> None:
         if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):

@@ -8,6 +8,7 @@ shut-down is terminate, then kill.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -25,6 +27,24 @@ from shared.process import parent_death_hook
 _LISTEN = re.compile(r"Listening for client connections on ([\d.]+|\[[^\]]+\]):(\d+)")
 _READY = "Server is ready"
 _FATAL = re.compile(r"\[FTL\]|Fatal|fatal error", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate (and, with ``verify``, client certificates are required)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str = ""
+    verify: bool = False
+
+    def to_server(self) -> dict[str, object]:
+        out: dict[str, object] = {"cert_file": self.cert_file, "key_file": self.key_file}
+        if self.ca_file:
+            out["ca_file"] = self.ca_file
+        if self.verify:
+            out["verify"] = True
+        return out
 
 
 def find_nats_server() -> str:
@@ -53,6 +73,8 @@ class NatsServer:
         jetstream: bool = True,
         store_dir: str | Path | None = None,
         max_payload: int | None = None,
+        auth_config: str | Path | None = None,
+        tls: ServerTls | None = None,
         startup_timeout: float = 10.0,
     ) -> None:
         self.host = host
@@ -61,6 +83,10 @@ class NatsServer:
         self._own_store = store_dir is None
         self.store_dir = Path(store_dir) if store_dir else Path(tempfile.mkdtemp(prefix="lscale-js-"))
         self.max_payload = max_payload
+        # a file with the `authorization` block (shared.natsauth), included by reference so
+        # that every server of a cluster (and a compose container) uses the same one
+        self.auth_config = Path(auth_config).resolve() if auth_config else None
+        self.tls = tls
         self.startup_timeout = startup_timeout
         self.port: int | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -70,7 +96,21 @@ class NatsServer:
     def url(self) -> str:
         if self.port is None:
             raise LScaleError("nats-server is not started")
-        return f"nats://{self.host}:{self.port}"
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def config_text(self) -> str:
+        """The configuration file's text (empty when the flags say everything)."""
+        lines = []
+        if self.max_payload is not None:
+            lines.append(f"max_payload: {self.max_payload}")
+        if self.auth_config is not None:
+            # nats-server resolves an include relative to the including file only
+            rel = os.path.relpath(self.auth_config, self.store_dir.resolve())
+            lines.append(f"include {json.dumps(rel)}")
+        if self.tls is not None:
+            lines.append("tls: " + json.dumps(self.tls.to_server()))
+        return "".join(line + "\n" for line in lines)
 
     def start(self) -> NatsServer:
         binary = find_nats_server()
@@ -78,17 +118,20 @@ class NatsServer:
         args = [binary, "-a", self.host, "-p", str(self.requested_port), "-l", str(self._log_path)]
         if self.jetstream:
             args += ["-js", "-sd", str(self.store_dir)]
-        if self.max_payload is not None:
+        if text := self.config_text():
             conf = self.store_dir / "nats.conf"
-            conf.write_text(f"max_payload: {self.max_payload}\n")
+            conf.write_text(text)
             args += ["-c", str(conf)]
         self._log_path.unlink(missing_ok=True)
         # its own session so that a Ctrl-C aimed at our process group does not kill the server
         # before we have drained our services (we stop it ourselves); and it dies with us
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=parent_death_hook(new_session=True),
-        )
+        # a configuration error is printed on stderr before the log file is opened: keep it
+        stderr_path = self.store_dir / "nats-server.stderr"
+        with stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                preexec_fn=parent_death_hook(new_session=True),
+            )
         deadline = time.monotonic() + self.startup_timeout
         port: int | None = None
         while time.monotonic() < deadline:
@@ -102,7 +145,9 @@ class NatsServer:
                 self.port = port
                 return self
             if self.proc.poll() is not None:
-                raise LScaleError(f"nats-server exited with {self.proc.returncode}: {text[-500:]}")
+                said = stderr_path.read_text(errors="replace")
+                raise LScaleError(f"nats-server exited with {self.proc.returncode}: "
+                                  f"{(said + text).strip()[-500:]}")
             time.sleep(0.01)
         self.stop()
         raise LScaleError(f"nats-server did not become ready within {self.startup_timeout}s")

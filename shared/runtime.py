@@ -212,7 +212,8 @@ class Service(Generic[C]):
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        self._bus = await Bus.connect(self.config.nats_url, f"{self.kind}/{self.id}")
+        self._bus = await Bus.connect(self.config.nats_url, f"{self.kind}/{self.id}",
+                                      auth=self.config.nats_auth())
         await self._start_discovery()
         await self.setup()
         self.state = "running"

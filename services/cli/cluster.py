@@ -34,6 +34,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="use this NATS server instead of starting an embedded one")
     up.add_argument("--nats-port", type=int, default=-1,
                     help="port of the embedded NATS server (default: a free port)")
+    up.add_argument("--nats-credentials", default=None, metavar="DIR",
+                    help="with --nats-url: a folder of <identity>.env files (LSCALE_NATS_* "
+                         "lines: scaler, router, model_store, transfer, executor, admin); "
+                         "without it every service uses the LSCALE_NATS_* variables or the "
+                         "URL's user:password")
+    up.add_argument("--no-auth", action="store_true",
+                    help="embedded NATS without authentication (any local process controls "
+                         "the cluster: for debugging only)")
+    up.add_argument("--rotate-credentials", action="store_true",
+                    help="generate new NATS credentials (and TLS files) before starting")
+    up.add_argument("--tls", action="store_true",
+                    help="embedded NATS with TLS (a CA and server certificate generated into "
+                         "the state directory)")
     up.add_argument("--state-dir", default=default_state_dir(),
                     help="cluster state directory (default .lscale, env LSCALE_STATE_DIR)")
     up.add_argument("--ready-timeout", type=float, default=60.0,
@@ -70,12 +83,21 @@ def resolve_nats_url(explicit: str | None, state_dir: str) -> str:
                       "pass --nats-url or set LSCALE_NATS_URL")
 
 
+def cli_auth(state_dir: str, identity: str = "admin") -> Any:
+    """The CLI's NATS credentials: ``LSCALE_NATS_*`` when set, else the local cluster's
+    generated ones for ``identity`` (admin; ``lscale top`` uses the read-only dashboard)."""
+    from shared.natsauth import client_auth_for
+
+    return client_auth_for(state_dir, identity)
+
+
 # --- status --------------------------------------------------------------------------------
-async def _status(nats_url: str, window: float) -> list[dict[str, Any]]:
+async def _status(nats_url: str, window: float, state_dir: str = ".lscale") -> list[dict[str, Any]]:
     from shared.bus import Bus
     from shared.discovery import discover
 
-    bus = await Bus.connect(nats_url, "lscale-cli", max_reconnect_attempts=0)
+    bus = await Bus.connect(nats_url, "lscale-cli", max_reconnect_attempts=0,
+                            auth=cli_auth(state_dir))
     try:
         return [r.to_dict() for r in await discover(bus, window=window)]
     finally:
@@ -86,7 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from shared.runtime import run_async
 
     url = resolve_nats_url(args.nats_url, args.state_dir)
-    records: list[dict[str, Any]] = run_async(_status(url, args.window))
+    records: list[dict[str, Any]] = run_async(_status(url, args.window, args.state_dir))
     if args.json:
         print(json.dumps({"nats_url": url, "services": records}, indent=2))
         return 0
@@ -109,19 +131,47 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # --- up ------------------------------------------------------------------------------------
-def child_specs(n_executors: int, env: dict[str, str]) -> list[ChildSpec]:
+def child_specs(n_executors: int, env: dict[str, str],
+                identity_env: Callable[[str], dict[str, str]] | None = None) -> list[ChildSpec]:
+    """One spec per service; ``identity_env(kind)`` adds that kind's NATS credentials."""
+    def with_identity(kind: str) -> dict[str, str]:
+        return {**env, **(identity_env(kind) if identity_env else {})}
+
     specs = []
     for kind in CORE_SERVICES:
         specs.append(ChildSpec(f"{kind}-0", python_module(f"services.{kind}"),
-                               {**env, "LSCALE_INSTANCE_ID": f"{kind}-0"}, _STOP_ORDER[kind]))
+                               {**with_identity(kind), "LSCALE_INSTANCE_ID": f"{kind}-0"},
+                               _STOP_ORDER[kind]))
     for i in range(n_executors):
         specs.append(ChildSpec(f"exec-{i}", python_module("services.executor"),
-                               {**env, "LSCALE_INSTANCE_ID": f"exec-{i}"}, _STOP_ORDER["executor"]))
+                               {**with_identity("executor"), "LSCALE_INSTANCE_ID": f"exec-{i}"},
+                               _STOP_ORDER["executor"]))
     return specs
 
 
+def _identity_envs(auth_dir: Path | None) -> Callable[[str], dict[str, str]] | None:
+    """Per-kind credentials from ``<identity>.env`` files (None: children inherit ours)."""
+    if auth_dir is None:
+        return None
+    from shared.errors import ConfigError
+    from shared.natsauth import AuthFiles, identity_env, read_env_file
+
+    files = AuthFiles(auth_dir)
+    for kind in (*CORE_SERVICES, "executor", "admin"):
+        if not files.env_file(kind).is_file():
+            raise ConfigError("nats_credentials", f"{files.env_file(kind)} is missing")
+
+    def env_of(kind: str) -> dict[str, str]:
+        env = identity_env(read_env_file(files.env_file(kind)))
+        if kind == "scaler":  # what it hands the executors it provisions
+            env["LSCALE_PROVISIONER_NATS_ENV"] = str(files.env_file("executor"))
+        return env
+
+    return env_of
+
+
 async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
-                      alive: Callable[[], None]) -> tuple[set[str], str | None]:
+                      alive: Callable[[], None], auth: Any = None) -> tuple[set[str], str | None]:
     """Wait until every expected instance id answers discovery as running.
 
     Returns the ids still missing and the router's HTTP URL as it reports it (the port it
@@ -130,7 +180,7 @@ async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
     from shared.discovery import discover
     from shared.kv import ensure_buckets
 
-    bus = await Bus.connect(nats_url, "lscale-up")
+    bus = await Bus.connect(nats_url, "lscale-up", auth=auth)
     try:
         await ensure_buckets(bus)
         deadline = time.monotonic() + timeout
@@ -153,13 +203,13 @@ async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
 DEFAULT_MODEL = "tiny-llama"
 
 
-async def ensure_default_model(nats_url: str, state_dir: Path) -> None:
+async def ensure_default_model(nats_url: str, state_dir: Path, auth: Any = None) -> None:
     """First run: create a tiny random-weight checkpoint, add it to the store, deploy it, so
     a new user can send a completion to the printed URL right away. Idempotent."""
     from shared import subjects
     from shared.bus import Bus
 
-    bus = await Bus.connect(nats_url, "lscale-up")
+    bus = await Bus.connect(nats_url, "lscale-up", auth=auth)
     try:
         models = await bus.request(subjects.STORE_LIST, {}, timeout=30)
         if DEFAULT_MODEL not in {m["name"] for m in models}:
@@ -185,6 +235,45 @@ async def ensure_default_model(nats_url: str, state_dir: Path) -> None:
         await bus.close()
 
 
+def _embedded_server(args: argparse.Namespace, state_dir: Path) -> tuple[Any, Path | None,
+                                                                      dict[str, str]]:
+    """Start the embedded nats-server: auth on unless ``--no-auth``, TLS with ``--tls``.
+
+    Returns the server, the folder of generated credentials, and the TLS variables every
+    client needs (the CA to trust)."""
+    from shared.natsauth import AUTH_DIR, ensure_cluster_auth
+    from shared.natsserver import NatsServer
+
+    auth_dir: Path | None = None
+    auth_config: Path | None = None
+    if not args.no_auth:
+        files, _ = ensure_cluster_auth(state_dir / AUTH_DIR, rotate=args.rotate_credentials)
+        auth_dir, auth_config = files.root, files.server_config
+    tls = None
+    tls_env: dict[str, str] = {}
+    if args.tls:
+        from shared.natsauth import TLS_DIR
+        from shared.tlsgen import ensure_local_tls
+
+        material = ensure_local_tls(state_dir / TLS_DIR, rotate=args.rotate_credentials)
+        tls = material.server_tls()
+        tls_env = {"LSCALE_NATS_TLS_CA": str(material.ca_cert)}
+    # 8 MiB messages: tokenizer files and pipeline activations exceed NATS' 1 MiB default
+    server = NatsServer(port=args.nats_port, store_dir=state_dir / "nats",
+                        max_payload=NATS_MAX_PAYLOAD, auth_config=auth_config, tls=tls).start()
+    return server, auth_dir, tls_env
+
+
+def _admin_auth(auth_dir: Path | None, tls_env: dict[str, str]) -> Any:
+    """What `lscale up` itself connects as: admin of the generated (or given) credentials."""
+    from shared.natsauth import AuthFiles, ClientAuth, read_env_file
+
+    values = dict(os.environ)
+    if auth_dir is not None and AuthFiles(auth_dir).env_file("admin").is_file():
+        values = read_env_file(AuthFiles(auth_dir).env_file("admin"))
+    return ClientAuth.from_env({**values, **tls_env})
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError, LScaleError
     from shared.natsserver import NatsServer
@@ -207,16 +296,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     server: NatsServer | None = None
     supervisor = Supervisor(state_dir / "logs", report=lambda m: print(f"lscale: {m}", flush=True))
     try:
+        auth_dir: Path | None = None
+        tls_env: dict[str, str] = {}
         if args.nats_url:
             nats_url = args.nats_url
+            if args.nats_credentials:
+                auth_dir = Path(args.nats_credentials).resolve()
         else:
-            # 8 MiB messages: tokenizer files and pipeline activations exceed NATS' 1 MiB default
-            server = NatsServer(port=args.nats_port, store_dir=state_dir / "nats",
-                                max_payload=NATS_MAX_PAYLOAD).start()
+            server, auth_dir, tls_env = _embedded_server(args, state_dir)
             nats_url = server.url
+        identity_env = _identity_envs(auth_dir)
+        admin_auth = _admin_auth(auth_dir, tls_env)
         env = {"LSCALE_NATS_URL": nats_url, "LSCALE_STATE_DIR": str(state_dir),
-               "LSCALE_HTTP_PORT": str(args.http_port)}
-        specs = child_specs(args.executors, env)
+               "LSCALE_HTTP_PORT": str(args.http_port), **tls_env}
+        specs = child_specs(args.executors, env, identity_env)
         for spec in specs:
             supervisor.start(spec)
         print(f"lscale: starting {len(specs)} services (logs in {state_dir / 'logs'})", flush=True)
@@ -227,16 +320,22 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise KeyboardInterrupt
 
         missing, reported_url = run_async(_wait_ready(nats_url, {s.name for s in specs},
-                                                      args.ready_timeout, alive))
+                                                      args.ready_timeout, alive, admin_auth))
         if missing:
             raise LScaleError(f"not ready within {args.ready_timeout:.0f}s: "
                               f"{', '.join(sorted(missing))} (see {state_dir / 'logs'})")
         if not args.no_default_model:
-            run_async(ensure_default_model(nats_url, state_dir))
+            run_async(ensure_default_model(nats_url, state_dir, admin_auth))
         http_url = reported_url or f"http://127.0.0.1:{args.http_port}"
         record.write_text(json.dumps({"nats_url": nats_url, "http_url": http_url,
-                                      "pid": os.getpid(), "executors": args.executors}))
+                                      "pid": os.getpid(), "executors": args.executors,
+                                      "nats_auth": str(auth_dir) if auth_dir else None}))
         print(f"lscale: cluster ready — HTTP {http_url}  NATS {nats_url}", flush=True)
+        if auth_dir is not None:
+            print(f"lscale: NATS auth on — credentials in {auth_dir} "
+                  "(the CLI uses admin.env, `lscale top` dashboard.env)", flush=True)
+        elif server is not None:
+            print("lscale: WARNING: NATS auth is OFF (--no-auth)", flush=True)
         print("lscale: press Ctrl-C to stop", flush=True)
         while not stopping:
             supervisor.check()

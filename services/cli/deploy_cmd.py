@@ -68,10 +68,10 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return DeploymentSpec.from_dict(raw).to_dict()
 
 
-async def _request(url: str, subject: str, body: Any) -> Any:
+async def _request(url: str, subject: str, body: Any, auth: Any = None) -> Any:
     from shared.bus import Bus
 
-    bus = await Bus.connect(url, "lscale-cli", max_reconnect_attempts=0)
+    bus = await Bus.connect(url, "lscale-cli", max_reconnect_attempts=0, auth=auth)
     try:
         return await bus.request(subject, body, timeout=REQUEST_TIMEOUT_S)
     finally:
@@ -79,13 +79,13 @@ async def _request(url: str, subject: str, body: Any) -> Any:
 
 
 def _call(args: argparse.Namespace, subject: str, body: Any) -> Any:
-    from services.cli.cluster import resolve_nats_url
+    from services.cli.cluster import cli_auth, resolve_nats_url
     from shared.errors import NoResponders, Unavailable
     from shared.runtime import run_async
 
     url = resolve_nats_url(args.nats_url, args.state_dir)
     try:
-        return run_async(_request(url, subject, body))
+        return run_async(_request(url, subject, body, cli_auth(args.state_dir)))
     except NoResponders as exc:
         raise Unavailable(f"no scaler answers at {url} (is the cluster up?)") from exc
 

@@ -173,7 +173,7 @@ def _ls(args: argparse.Namespace) -> int:
     if (url := _cluster_url(args)) is not None:
         from shared.runtime import run_async
 
-        rows = [_row(r) for r in run_async(_remote(url, "STORE_LIST", {}))]
+        rows = [_row(r) for r in run_async(_remote(url, "STORE_LIST", {}, args.state_dir))]
     else:
         rows = [_summary(m) for m in _store(args).manifests()]
     if args.json:
@@ -194,7 +194,7 @@ def _rm(args: argparse.Namespace) -> int:
     if (url := _cluster_url(args)) is not None:
         from shared.runtime import run_async
 
-        run_async(_remote(url, "STORE_REMOVE", {"name": args.name}))
+        run_async(_remote(url, "STORE_REMOVE", {"name": args.name}, args.state_dir))
     else:
         _store(args).remove(args.name)
     print(f"removed {args.name}")
@@ -220,12 +220,14 @@ def _row(raw: Any) -> dict[str, Any]:
             "created": m.created}
 
 
-async def _connect(url: str) -> Any:
+async def _connect(url: str, state_dir: str = ".lscale") -> Any:
+    from services.cli.cluster import cli_auth
     from shared.bus import Bus
     from shared.errors import NotConnected
 
     try:
-        return await Bus.connect(url, "lscale-cli", max_reconnect_attempts=0)
+        return await Bus.connect(url, "lscale-cli", max_reconnect_attempts=0,
+                                 auth=cli_auth(state_dir))
     except NotConnected as exc:
         raise NotConnected(f"{exc.message} (a stale cluster record? --local uses the store "
                            "directory)") from exc
@@ -244,8 +246,8 @@ async def _request(bus: Any, subject_name: str, body: Any, timeout: float) -> An
                            ) from exc
 
 
-async def _remote(url: str, subject_name: str, body: Any) -> Any:
-    bus = await _connect(url)
+async def _remote(url: str, subject_name: str, body: Any, state_dir: str = ".lscale") -> Any:
+    bus = await _connect(url, state_dir)
     try:
         return await _request(bus, subject_name, body, REQUEST_TIMEOUT_S)
     finally:
@@ -302,7 +304,7 @@ async def _remote_add(url: str, args: argparse.Namespace) -> int:
         if event.data.get("request_id") == request.request_id:
             progress.update(event.data)
 
-    bus = await _connect(url)
+    bus = await _connect(url, args.state_dir)
     try:
         await bus.subscribe(subjects.event(INGEST_EVENT), on_event, message_type=Event)
         await bus.nc.flush()  # subscribed before the first event can be sent

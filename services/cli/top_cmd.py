@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from services.cli.cluster import resolve_nats_url
+    from services.cli.cluster import cli_auth, resolve_nats_url
     from services.cli.top.app import collect, print_once, run_live
     from services.cli.top.state import DashboardState
     from shared.errors import ConfigError
@@ -46,9 +46,10 @@ def cmd_top(args: argparse.Namespace) -> int:
         raise ConfigError("once", "the live view needs a terminal; use --once [--json] in scripts")
     url = resolve_nats_url(args.nats_url, args.state_dir)
     state = DashboardState(stale_after_s=args.stale_after)
+    auth = cli_auth(args.state_dir, "dashboard")  # read-only: a dashboard controls nothing
     if not args.once:
-        return int(run_async(run_live(url, state, refresh_s=args.refresh)))
-    run_async(collect(url, state, args.window))
+        return int(run_async(run_live(url, state, refresh_s=args.refresh, auth=auth)))
+    run_async(collect(url, state, args.window, auth))
     if args.json:
         import time
 

@@ -147,6 +147,7 @@ from shared.messages import (
     StartTransfer,
     Undeploy,
 )
+from shared.natsauth import executor_nats_env
 from shared.runtime import Service
 
 PROVISIONERS = ("none", "local", "docker")
@@ -192,6 +193,9 @@ class ScalerConfig(ServiceConfig):
         default="", metadata={"help": "executor command template ({python}, {executor_id})"})
     provisioner_image: str = field(default="", metadata={"help": "docker: executor image"})
     provisioner_network: str = field(default="", metadata={"help": "docker: network"})
+    provisioner_nats_env: str = field(default="", metadata={
+        "help": "file of LSCALE_NATS_* lines: the NATS credentials of the executors it starts "
+                "(they never get the scaler's own)"})
     max_executors: int = field(
         default=0, metadata={"help": "provisioner: at most this many executors (0: no cap)"})
     executor_idle_s: float = field(
@@ -345,6 +349,9 @@ class ScalerService(Service[ScalerConfig]):
         if cfg.provisioner == "none":
             return None
         env = {"LSCALE_NATS_URL": cfg.nats_url, "LSCALE_STATE_DIR": cfg.state_dir}
+        # an executor connects as an executor: blank the scaler's own credentials, then add
+        # the executors' (an executor started with the scaler's identity would control others)
+        env.update(executor_nats_env(cfg.provisioner_nats_env))
         # The executor's config takes its id as --instance-id (every ServiceConfig does).
         command = (shlex.split(cfg.provisioner_command) if cfg.provisioner_command else
                    ["{python}", "-m", "services.executor", "--instance-id", "{executor_id}"])

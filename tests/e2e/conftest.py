@@ -44,6 +44,7 @@ from shared.bus import Bus, decode
 from shared.config import ServiceConfig
 from shared.messages import InferRequest, TokenChunk
 from shared.model.tiny import TinyCheckpoint, TinySpec, create_tiny
+from shared.natsauth import ClientAuth, ClusterCredentials
 from shared.natsserver import NatsServer
 from shared.runtime import Service
 
@@ -197,8 +198,12 @@ class E2ECluster:
 
     def __init__(self, nats_url: str, work: Path, *, executors: int = 3,
                  executor: dict[str, Any] | None = None, router: dict[str, Any] | None = None,
-                 scaler: dict[str, Any] | None = None) -> None:
+                 scaler: dict[str, Any] | None = None,
+                 credentials: ClusterCredentials | None = None) -> None:
         self.nats_url = nats_url
+        # with credentials (a server with shared.natsauth's config), every service connects
+        # as its own kind and the test's bus as admin
+        self.credentials = credentials
         self.work = work
         self.n_executors = executors
         self.overrides = {"executor": executor or {}, "router": router or {},
@@ -227,35 +232,47 @@ class E2ECluster:
         common: dict[str, Any] = dict(nats_url=url, log_format="console", log_level="warning",
                                       metrics_interval_s=0.5, drain_timeout_s=1.0,
                                       state_dir=str(self.work / "state"))
-        self.bus = await Bus.connect(url, "e2e-test")
+        self.bus = await Bus.connect(url, "e2e-test", auth=self._auth("admin"))
         await self.events.start(self.bus)
         await self.tap.start(self.bus)
         await self._add(ModelStoreService(StoreConfig(
-            **common, instance_id="store-e2e", store_dir=str(self.work / "store"),
-            host_cache_mb=256)))
-        await self._add(TransferService(ServiceConfig(**common, instance_id="transfer-e2e")))
+            **common, **self._identity("model_store"), instance_id="store-e2e",
+            store_dir=str(self.work / "store"), host_cache_mb=256)))
+        await self._add(TransferService(ServiceConfig(**common, **self._identity("transfer"),
+                                                      instance_id="transfer-e2e")))
         for i in range(self.n_executors):
             eid = f"exec-{i}"
             settings: dict[str, Any] = dict(
-                **common, instance_id=eid, device="cpu", kv_budget_mb=16, host_budget_mb=64,
-                readiness_interval_s=0.5, stage_timeout_s=20.0)
+                **common, **self._identity("executor"), instance_id=eid, device="cpu",
+                kv_budget_mb=16, host_budget_mb=64, readiness_interval_s=0.5, stage_timeout_s=20.0)
             settings.update(self.overrides["executor"])
             executor = ExecutorService(ExecutorConfig(**settings))
             await self._add(executor)
             self.executors[eid] = executor
         scaler: dict[str, Any] = dict(
-            **common, instance_id="scaler-e2e", reconcile_interval_s=0.2,
-            discovery_interval_s=0.5, executor_timeout_s=10.0, load_max_age_s=3.0,
+            **common, **self._identity("scaler"), instance_id="scaler-e2e",
+            reconcile_interval_s=0.2, discovery_interval_s=0.5, executor_timeout_s=10.0, load_max_age_s=3.0,
             report_grace_s=0.5, strategy="lambdapipe", transport="tcp")
         scaler.update(self.overrides["scaler"])
         await self._add(ScalerService(ScalerConfig(**scaler)))
         router: dict[str, Any] = dict(
-            **common, instance_id=self.tap.router_id, http_port=0, queue_wait_s=45.0,
-            executor_timeout_s=5.0, models_ttl_s=0.5, ack_timeout_s=5.0,
+            **common, **self._identity("router"), instance_id=self.tap.router_id, http_port=0,
+            queue_wait_s=45.0, executor_timeout_s=5.0, models_ttl_s=0.5, ack_timeout_s=5.0,
             first_token_timeout_s=30.0, token_timeout_s=20.0, load_report_interval_s=0.2)
         router.update(self.overrides["router"])
         self.router = RouterService(RouterConfig(**router))
         await self._add(self.router)
+
+    def _auth(self, identity: str) -> ClientAuth:
+        if self.credentials is None:
+            return ClientAuth()
+        return self.credentials.client(identity)
+
+    def _identity(self, identity: str) -> dict[str, str]:
+        """The config fields that make a service connect as ``identity``."""
+        auth = self._auth(identity)
+        return {"nats_user": auth.user, "nats_password": auth.password,
+                "nats_inbox_prefix": auth.inbox_prefix}
 
     async def _add(self, service: Service[Any]) -> None:
         await service.start()

@@ -23,12 +23,15 @@ from services.cli.top.render import dashboard, dashboard_group
 from services.cli.top.state import DashboardState
 from shared import subjects
 from shared.bus import Bus
+from shared.natsauth import ClientAuth
 
 QUIT_KEYS = {"q", "Q"}
 
 
-async def _connect(nats_url: str, state: DashboardState, *, reconnect: bool) -> Bus:
-    bus = await Bus.connect(nats_url, "lscale-top", max_reconnect_attempts=-1 if reconnect else 0)
+async def _connect(nats_url: str, state: DashboardState, *, reconnect: bool,
+                   auth: ClientAuth | None = None) -> Bus:
+    bus = await Bus.connect(nats_url, "lscale-top", max_reconnect_attempts=-1 if reconnect else 0,
+                            auth=auth)
 
     async def on_message(body: Any, _msg: Msg) -> None:
         state.apply(body, time.time())
@@ -39,9 +42,10 @@ async def _connect(nats_url: str, state: DashboardState, *, reconnect: bool) -> 
     return bus
 
 
-async def collect(nats_url: str, state: DashboardState, window_s: float) -> None:
+async def collect(nats_url: str, state: DashboardState, window_s: float,
+                  auth: ClientAuth | None = None) -> None:
     """Listen for ``window_s`` seconds, then disconnect (for ``--once``)."""
-    bus = await _connect(nats_url, state, reconnect=False)
+    bus = await _connect(nats_url, state, reconnect=False, auth=auth)
     try:
         await asyncio.sleep(window_s)
     finally:
@@ -78,7 +82,7 @@ def _keys(loop: asyncio.AbstractEventLoop, on_key: Any) -> Iterator[None]:
 
 
 async def run_live(nats_url: str, state: DashboardState, *, refresh_s: float,
-                   console: Console | None = None) -> int:
+                   console: Console | None = None, auth: ClientAuth | None = None) -> int:
     """Draw the dashboard until ``q``, SIGINT or SIGTERM."""
     console = console or Console()
     stop = asyncio.Event()
@@ -90,7 +94,7 @@ async def run_live(nats_url: str, state: DashboardState, *, refresh_s: float,
         if QUIT_KEYS & set(keys):
             stop.set()
 
-    bus = await _connect(nats_url, state, reconnect=True)
+    bus = await _connect(nats_url, state, reconnect=True, auth=auth)
     try:
         with _keys(loop, on_key), Live(console=console, screen=True, auto_refresh=False,
                                        transient=True) as live:

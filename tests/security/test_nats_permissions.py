@@ -1,0 +1,214 @@
+"""The control plane as an attacker on the same network meets it: a real nats-server with the
+generated config, clients without credentials, with a wrong password, and with the wrong
+identity. Every refusal asserted here is the server's own ("Authorization Violation",
+"Permissions Violation for publish/subscription to ..."), never a timeout alone; every
+allowed publish is seen arriving by an admin client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgpack
+import nats
+import nats.errors
+import openai
+import pytest
+
+from shared import subjects
+from shared.bus import Bus
+from shared.errors import NotConnected
+from shared.model.tiny import TinySpec
+from shared.natsauth import IDENTITIES, ClientAuth, inbox_prefix
+from tests.e2e.conftest import E2ECluster, make_checkpoint
+from tests.security.conftest import Probe, SecureServer, connect_probe
+
+# (subject, the identities besides admin that may publish it)
+CONTROL_SUBJECTS: list[tuple[str, set[str]]] = [
+    (subjects.exec_ctl("exec-0"), {"scaler"}),
+    (subjects.exec_send("exec-0"), {"transfer"}),
+    (subjects.STORE_SOURCE, {"transfer", "executor"}),
+    (subjects.STORE_ADD, set()),
+    (subjects.STORE_REMOVE, set()),
+    (subjects.SCALER_DEPLOY, set()),
+    (subjects.SCALER_UNDEPLOY, set()),
+    (subjects.TRANSFER_START, {"scaler"}),
+    (subjects.SCALER_LOAD, {"router"}),
+    (subjects.exec_infer("exec-0"), {"router"}),
+    (subjects.exec_stage("exec-0"), {"executor"}),
+    (subjects.exec_cancel("exec-0"), {"router", "executor"}),
+    (subjects.ready("exec-0"), {"executor"}),
+    (subjects.metrics("executor", "exec-0"), {"executor"}),
+    (subjects.metrics("scaler", "scaler-0"), {"scaler"}),
+    (subjects.router_tokens("router-0") + ".req-1", {"executor"}),
+    (subjects.transfer_progress("t-1"), {"transfer"}),
+    (f"$KV.{subjects.KV_DEPLOYMENTS}.evil", {"scaler"}),
+    (f"$KV.{subjects.KV_MODELS}.evil", {"model_store"}),
+    (f"$JS.API.STREAM.DELETE.KV_{subjects.KV_DEPLOYMENTS}", set()),
+]
+
+# (subject to subscribe to, the identities besides admin that may)
+READ_SUBJECTS: list[tuple[str, set[str]]] = [
+    (subjects.exec_infer("*"), {"executor"}),  # prompts
+    (subjects.router_tokens("router-0") + ".>", {"router"}),  # generated text
+    (subjects.exec_ctl("exec-0"), {"executor"}),
+    (subjects.SCALER_DEPLOY, {"scaler"}),
+    (f"{inbox_prefix('scaler')}.>", {"scaler"}),  # another identity's replies
+    (f"{inbox_prefix('admin')}.>", set()),
+    (subjects.METRICS_ALL, {"scaler", "router", "model_store", "transfer", "executor",
+                            "dashboard"}),
+]
+
+
+def _publish_refusal(subject: str) -> str:
+    return f'permissions violation for publish to "{subject}"'
+
+
+def _subscribe_refusal(subject: str) -> str:
+    return f'permissions violation for subscription to "{subject}"'
+
+
+async def _seen(got: list[str], subject: str, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while subject not in got:
+            await asyncio.sleep(0.01)
+
+
+async def test_clients_without_valid_credentials_cannot_connect(secure_nats: SecureServer) -> None:
+    attempts = [
+        {},  # no credentials at all
+        {"user": "scaler", "password": "not-the-password"},
+        {"user": "nobody", "password": "x"},
+        {"token": "guess"},
+    ]
+    for options in attempts:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception, errors: list[str] = errors) -> None:
+            errors.append(str(exc))
+
+        with pytest.raises(nats.errors.Error) as refused:
+            await nats.connect(secure_nats.url, error_cb=on_error, allow_reconnect=False,
+                               max_reconnect_attempts=0, connect_timeout=2, **options)
+        said = [str(refused.value), *errors]
+        assert any("Authorization Violation" in e for e in said), (options, said)
+    # λScale's bus says so clearly, too
+    with pytest.raises(NotConnected, match="cannot connect"):
+        await Bus.connect(secure_nats.url, "intruder", initial_attempts=1, connect_timeout=2,
+                          auth=ClientAuth())
+
+
+async def test_every_identity_publishes_only_what_its_kind_needs(
+        probes: dict[str, Probe]) -> None:
+    admin = probes["admin"]
+    got: list[str] = []
+
+    async def record(msg: nats.aio.msg.Msg) -> None:
+        got.append(msg.subject)
+
+    for pattern in (">", "$KV.>", "$JS.API.STREAM.DELETE.>"):
+        await admin.nc.subscribe(pattern, cb=record)
+    await admin.nc.flush()
+    for identity in IDENTITIES:
+        if identity == "admin":
+            continue
+        probe = probes[identity]
+        for subject, allowed in CONTROL_SUBJECTS:
+            marker = f"{subject}"
+            await probe.nc.publish(subject, msgpack.packb({"op": "release", "model": "m"}))
+            await probe.nc.flush()
+            if identity in allowed:
+                await _seen(got, marker)
+                assert not probe.refused(f'"{subject}"'), (identity, subject)
+                while marker in got:  # once per matching admin subscription
+                    got.remove(marker)
+            else:
+                await probe.refusal(_publish_refusal(subject))
+                await asyncio.sleep(0)  # anything that slipped through would be recorded now
+                assert marker not in got, f"{identity} published {subject}"
+        assert probe.nc.is_connected  # a refusal does not cost the client its connection
+
+
+async def test_every_identity_reads_only_what_its_kind_needs(probes: dict[str, Probe]) -> None:
+    for identity in IDENTITIES:
+        if identity == "admin":
+            continue
+        probe = probes[identity]
+        for subject, allowed in READ_SUBJECTS:
+            await probe.nc.subscribe(subject)
+            await probe.nc.flush()
+            if identity in allowed:
+                await probe.nc.flush()
+                assert not probe.refused(_subscribe_refusal(subject)), (identity, subject)
+            else:
+                await probe.refusal(_subscribe_refusal(subject))
+
+
+@pytest.mark.slow
+async def test_attacks_are_refused_and_the_cluster_still_serves(
+        secure_nats: SecureServer, tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "ckpt", TinySpec(
+        architecture="llama", num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2,
+        intermediate_size=128, vocab_size=300, seed=3))
+    async with E2ECluster(secure_nats.url, tmp_path / "cluster", executors=2,
+                          credentials=secure_nats.credentials) as cluster:
+        await cluster.add_model("m", checkpoint.directory, blocks=4)
+        await cluster.deploy("m", min_instances=1, max_instances=2)
+        async def greedy_tokens(prompt: list[int]) -> list[int]:
+            """The token ids the cluster generated for ``prompt`` (as seen on the wire)."""
+            async with cluster.client() as client:
+                async with asyncio.timeout(90):
+                    while True:
+                        try:
+                            await client.completions.create(
+                                model="m", prompt=prompt, max_tokens=6, temperature=0,
+                                extra_body={"ignore_eos": True})
+                            break
+                        except openai.APIStatusError:  # 503 until an instance is up
+                            await asyncio.sleep(0.5)
+                    while True:
+                        ids = [rid for rid, tries in cluster.tap.requests.items()
+                               if tries[0][2].prompt_token_ids == prompt
+                               and cluster.tap.finished_at(rid) is not None]
+                        if ids:
+                            return cluster.tap.tokens(ids[-1])
+                        await asyncio.sleep(0.05)
+
+        first, second = [5, 17, 42, 9, 11], [7, 3, 99, 120, 4]
+        assert await greedy_tokens(first) == checkpoint.greedy(first, 6)
+        holder = next(e for e in cluster.executors.values() if e.copy is not None)
+
+        # as a router: release the model, undeploy it, add one, spoof readiness, load reports
+        router = await connect_probe(secure_nats.url,
+                                     **secure_nats.credentials.client("router").connect_options())
+        dashboard = await connect_probe(
+            secure_nats.url, **secure_nats.credentials.client("dashboard").connect_options())
+        try:
+            release = msgpack.packb({"op": "release", "model": "m"})
+            attacks = [(router, subjects.exec_ctl(holder.id), release),
+                       (router, subjects.SCALER_UNDEPLOY, msgpack.packb({"name": "m"})),
+                       (router, subjects.STORE_REMOVE, msgpack.packb({"name": "m"})),
+                       (router, subjects.ready(holder.id), msgpack.packb({"model": "m"})),
+                       (dashboard, subjects.SCALER_LOAD, msgpack.packb({"router_id": "x"})),
+                       (dashboard, subjects.exec_infer(holder.id), msgpack.packb({}))]
+            for probe, subject, body in attacks:
+                with pytest.raises(nats.errors.TimeoutError):
+                    await probe.nc.request(subject, body, timeout=0.5)
+                await probe.refusal(_publish_refusal(subject))
+            # reading the token streams or another identity's replies
+            await router.nc.subscribe(f"{inbox_prefix('scaler')}.>")
+            await router.refusal(_subscribe_refusal(f"{inbox_prefix('scaler')}.>"))
+            await dashboard.nc.subscribe(subjects.router_tokens(cluster.tap.router_id) + ".>")
+            await dashboard.refusal("subscription to")
+        finally:
+            await router.nc.close()
+            await dashboard.nc.close()
+
+        assert holder.copy is not None and holder.copy.model == "m"
+        assert await greedy_tokens(second) == checkpoint.greedy(second, 6)
+        assert cluster.bus is not None
+        listing = await cluster.bus.request(subjects.SCALER_LIST, {}, timeout=5)
+        assert [d["spec"]["name"] for d in listing["deployments"]] == ["m"]
+        # and no service of the cluster itself was refused anything it does
+        assert {s.kind: list(s.bus.permission_violations) for s in cluster.services} == {
+            s.kind: [] for s in cluster.services}
