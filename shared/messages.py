@@ -335,7 +335,9 @@ class InferRequest(Message):
 
     The executor replies at once (an :class:`Ack`, or a typed error such as ContextTooLong or
     ModelNotFound) and then streams :class:`TokenChunk` messages to ``reply_to``.
-    ``sampling`` holds temperature, top_p, top_k, seed, max_tokens, stop_token_ids.
+    ``sampling`` is a :meth:`shared.sampling.SamplingParams.to_wire` map. With
+    ``num_sequences > 1`` (``n``/``best_of``) the prompt is prefilled once and each sequence
+    streams its own TokenChunks (``index``).
     """
 
     request_id: str
@@ -353,8 +355,14 @@ class InferRequest(Message):
 @message("exec.tokens")
 @dataclass(frozen=True)
 class TokenChunk(Message):
-    """Executor -> router: new tokens of one request; the last has ``finish_reason`` set
-    (``stop``/``length``/``cancelled``/``error``, with ``error`` holding a wire error)."""
+    """Executor -> router: new tokens of one sequence (``index``) of a request; a sequence's
+    last chunk has ``finish_reason`` ``stop``/``length``; ``cancelled``/``error`` (with
+    ``error`` holding a wire error) end the whole request.
+
+    ``logprobs``, when the request asked for them, has one entry per token of ``token_ids``:
+    :meth:`shared.sampling.TokenLogprobs.to_wire` (``[logprob, [[id, logprob], ...]]``).
+    ``prompt_logprobs`` comes once, with sequence 0's first chunk: one entry per prompt token,
+    None for the first."""
 
     request_id: str
     executor_id: str
@@ -362,6 +370,9 @@ class TokenChunk(Message):
     finish_reason: str | None = None
     error: dict[str, Any] | None = None
     via: str = "local"  # "local" or "pipeline": how the request was served
+    index: int = 0
+    logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] | None = None
 
 
 @message("exec.cancel")
@@ -382,8 +393,9 @@ class StageChunk(Message):
     through the pipeline (stage 0 picks it, unique per admission; every stage keys its KV and
     state by it, so a re-dispatched request id never meets a stale run's state). A request's
     first chunk (``start == 0``) carries what the later stages keep for it: ``reply_to``
-    (where the last stage streams TokenChunks), ``sampling`` (as in InferRequest) and
-    ``prompt_len``."""
+    (where the last stage streams TokenChunks), ``sampling`` (as in InferRequest),
+    ``prompt_len``, and the prompt's ids when the last stage needs them (prompt logprobs,
+    repetition penalty); ``index`` is the flow's sequence among its request's ``n``."""
 
     request_id: str
     flow: str
@@ -392,6 +404,8 @@ class StageChunk(Message):
     reply_to: str = ""
     sampling: dict[str, Any] = field(default_factory=dict)
     prompt_len: int = 0
+    prompt_token_ids: list[int] = field(default_factory=list)
+    index: int = 0
 
 
 @message("exec.stage.activations")

@@ -25,6 +25,7 @@ import collections
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -41,12 +42,35 @@ RATE_WINDOW_S = 5.0
 
 
 @dataclass
+class _Sequence:
+    """One of a request's ``n`` sequences: tokens not yet sent, and how it ended."""
+
+    outbox: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)  # wire entries, when asked for
+    finish_reason: str | None = None
+    sent_finish: bool = False
+
+
+@dataclass
 class _Local:
     request_id: str
     reply_to: str
-    outbox: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    num_sequences: int = 1
+    seqs: dict[int, _Sequence] = field(default_factory=dict)
+    prompt_logprobs: list[Any] | None = None
+    finish_reason: str | None = None  # cancelled / error: the whole request ended
     error: LScaleError | None = None
+
+    def seq(self, index: int) -> _Sequence:
+        found = self.seqs.get(index)
+        if found is None:
+            found = self.seqs[index] = _Sequence()
+        return found
+
+    @property
+    def done(self) -> bool:
+        finished = sum(1 for s in self.seqs.values() if s.finish_reason is not None)
+        return finished >= self.num_sequences
 
 
 @dataclass
@@ -119,7 +143,7 @@ class EngineDriver:
         if params.stop and self.engine.scheduler.decode is None:
             raise InvalidParameter("stop strings need a tokenizer; executors take token ids "
                                    "(the router applies stop strings)", field="stop")
-        self._requests[request_id] = _Local(request_id, reply_to)
+        self._requests[request_id] = _Local(request_id, reply_to, params.num_sequences)
         self._adds.append((request_id, prompt, params))
         self._wake.set()
 
@@ -156,10 +180,17 @@ class EngineDriver:
             local = self._requests.get(out.request_id)
             if local is None:  # cancelled while the step ran
                 continue
-            local.outbox.append(out.token_id)
+            seq = local.seq(out.index)
+            seq.outbox.append(out.token_id)
+            if out.logprobs is not None:
+                seq.logprobs.append(out.logprobs.to_wire())
+            if out.prompt_logprobs is not None:
+                local.prompt_logprobs = [None if e is None else e.to_wire()
+                                         for e in out.prompt_logprobs]
             if out.finished:
-                local.finish_reason = out.finish_reason or "stop"
-                del self._requests[out.request_id]
+                seq.finish_reason = out.finish_reason or "stop"
+                if local.done:
+                    del self._requests[out.request_id]
             self._mark(local)
         if result.error is not None:
             log.error("engine step failed; ending its requests", error=repr(result.error))
@@ -197,8 +228,7 @@ class EngineDriver:
                 outputs = engine.step()
             except Exception as exc:  # the step left requests in place; end them all
                 error = exc
-                failed = list(engine.scheduler.running) + [
-                    r.request_id for r in engine.scheduler.waiting]
+                failed = engine.scheduler.request_ids()
                 for request_id in failed:
                     engine.cancel(request_id)
         return _StepResult(outputs, refused, failed, error, engine.stats(),
@@ -215,19 +245,40 @@ class EngineDriver:
             self._flush.clear()
             dirty, self._dirty = self._dirty, {}
             for local in dirty.values():
-                tokens, local.outbox = local.outbox, []
-                chunk = TokenChunk(
-                    request_id=local.request_id, executor_id=self.executor_id,
-                    token_ids=tokens, finish_reason=local.finish_reason,
-                    error=local.error.to_wire() if local.error is not None else None,
-                    via="local")
-                try:
-                    await self.send(local.reply_to, chunk)
-                except Exception as exc:  # the client went away; the request goes on or ends
-                    log.warning("could not send tokens", request_id=local.request_id,
-                                error=repr(exc))
+                for chunk in self._chunks_of(local):
+                    try:
+                        await self.send(local.reply_to, chunk)
+                    except Exception as exc:  # the client went away; it goes on or ends
+                        log.warning("could not send tokens", request_id=local.request_id,
+                                    error=repr(exc))
             if self._last_marked and not self._dirty:
                 return
+
+    def _chunks_of(self, local: _Local) -> list[TokenChunk]:
+        """What to send for a request now: one chunk per sequence with news; a request-wide
+        end (cancelled, error) goes last, on sequence 0."""
+        chunks: list[TokenChunk] = []
+        for index in sorted(local.seqs):
+            seq = local.seqs[index]
+            ends = seq.finish_reason is not None and not seq.sent_finish
+            if not (seq.outbox or ends):
+                continue
+            prompt_lp = local.prompt_logprobs if index == 0 else None
+            if index == 0:
+                local.prompt_logprobs = None
+            chunks.append(TokenChunk(
+                request_id=local.request_id, executor_id=self.executor_id,
+                token_ids=seq.outbox, finish_reason=seq.finish_reason if ends else None,
+                via="local", index=index, logprobs=seq.logprobs, prompt_logprobs=prompt_lp))
+            seq.outbox, seq.logprobs = [], []
+            seq.sent_finish = seq.sent_finish or ends
+        if local.finish_reason is not None:
+            chunks.append(TokenChunk(
+                request_id=local.request_id, executor_id=self.executor_id, token_ids=[],
+                finish_reason=local.finish_reason,
+                error=local.error.to_wire() if local.error is not None else None, via="local"))
+            local.finish_reason = None  # sent once
+        return chunks
 
     # -- closing ------------------------------------------------------------------------------
     async def close(self, error: LScaleError) -> None:

@@ -69,7 +69,8 @@ from services.executor.requests import (
     sampling_from_wire,
 )
 from shared import subjects
-from shared.engine import Chunk, ModelRunner, SamplingParams, TokenSampler
+from shared.engine import Chunk, ModelRunner, SampledToken, SamplingParams, TokenSampler
+from shared.engine.sampling import prompt_logprobs
 from shared.errors import (
     EngineError,
     InvalidParameter,
@@ -127,6 +128,16 @@ class _Flow:
     params: SamplingParams | None  # last stage only
     last_seen: float
     generated: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)  # last stage only
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """A last stage's result: each flow's token (and logprobs), prompt logprobs by flow."""
+
+    tokens: list[SampledToken]
+    prompt_logprobs: dict[str, list[Any]]
 
 
 class PipelineWorker:
@@ -144,7 +155,7 @@ class PipelineWorker:
         self.stage_timeout_s = stage_timeout_s
         self.max_batch_tokens = max_batch_tokens
         self.clock = clock
-        self.sampler = TokenSampler(runner.device)
+        self.sampler = TokenSampler(runner.device, runner.config.eos_token_ids)
         self.heads: dict[str, _Head] = {}  # flow -> head request
         self.head_of: dict[str, str] = {}  # request id -> flow
         self.flows: dict[str, _Flow] = {}  # flow -> later-stage state
@@ -191,6 +202,10 @@ class PipelineWorker:
         if params.stop:
             raise InvalidParameter("stop strings need a tokenizer; executors take token ids "
                                    "(the router applies stop strings)", field="stop")
+        if params.num_sequences > 1:
+            # forking a KV row would have to happen on every stage at once; the router sends
+            # such requests as one request per sequence to a pipeline instead
+            raise InvalidParameter("a pipeline runs one sequence per request (n = 1)", field="n")
         tokens = check_prompt(list(prompt), self.config.vocab_size)
         check_fits(len(tokens), self.runner.max_seq_len, self.runner.kv.row_len)
         self.runner.check_layers((0, stages[0].stop))
@@ -266,7 +281,8 @@ class PipelineWorker:
                 request_id=head.request_id, flow=head.flow, start=head.start,
                 length=len(head.pending), reply_to=head.reply_to if first else "",
                 sampling=head.sampling if first else {},
-                prompt_len=len(head.prompt) if first else 0))
+                prompt_len=len(head.prompt) if first else 0,
+                prompt_token_ids=head.prompt if first else []))
             ids.extend(head.pending)
             head.pending = None
         stages = batch[0].stages
@@ -412,7 +428,7 @@ class PipelineWorker:
                 await self._drop_flows(flows)
                 await self._report(message.origin, message.batch_id, dict.fromkeys(flows, exc))
             return
-        assert isinstance(out, list)
+        assert isinstance(out, _Sampled)
         await self._emit_tokens(message, flows, out)
 
     def _admit(self, message: StageActivations, is_last: bool,
@@ -443,7 +459,9 @@ class PipelineWorker:
                     errors[chunk.flow] = exc
                     continue
                 state = _Flow(chunk.request_id, chunk.flow, message.origin, chunk.reply_to,
-                              chunk.prompt_len or chunk.length, params, now)
+                              chunk.prompt_len or chunk.length, params, now,
+                              prompt_token_ids=list(chunk.prompt_token_ids) if is_last else [],
+                              index=chunk.index)
                 self.flows[chunk.flow] = state
                 self.rows += 1
             elif state is None:
@@ -457,23 +475,48 @@ class PipelineWorker:
 
     def _forward_stage(self, chunks: list[Chunk], hidden: torch.Tensor, me: StageSpec,
                        is_last: bool, new_params: dict[str, SamplingParams]
-                       ) -> torch.Tensor | list[int]:
+                       ) -> torch.Tensor | _Sampled:
         for flow, params in new_params.items():
-            self.sampler.add(flow, params)
-        out = self.runner.forward(chunks, hidden, layers=(me.start, me.stop))
-        if is_last:
-            return self.sampler.sample([c.request_id for c in chunks], out)
-        return out
+            new = self.flows[flow]
+            self.sampler.add(flow, params, new.prompt_token_ids, new.index)
+        if not is_last:
+            return self.runner.forward(chunks, hidden, layers=(me.start, me.stop))
+        # prefills whose prompt logprobs were asked for need every position's logits
+        echo: dict[int, int] = {}
+        for i, chunk in enumerate(chunks):
+            state = self.flows.get(chunk.request_id)
+            k = state.params.prompt_logprobs if state and state.params else None
+            if chunk.start == 0 and k is not None:
+                echo[i] = k
+        out = self.runner.forward(chunks, hidden, layers=(me.start, me.stop),
+                                  all_logits=bool(echo))
+        prompts: dict[str, list[Any]] = {}
+        if echo:
+            ends = list(itertools.accumulate((c.length for c in chunks), initial=0))
+            full = out
+            last = torch.tensor([e - 1 for e in ends[1:]], dtype=torch.int64, device=out.device)
+            out = full.index_select(0, last)
+            for i, k in echo.items():
+                flow_id = chunks[i].request_id
+                ids = self.flows[flow_id].prompt_token_ids
+                if len(ids) != chunks[i].length:
+                    raise InvalidParameter(f"flow {flow_id}: prompt logprobs need the prompt's "
+                                           f"{chunks[i].length} token ids, got {len(ids)}")
+                entries = prompt_logprobs(ids, full[ends[i]:ends[i + 1]], k)
+                prompts[flow_id] = [None if e is None else e.to_wire() for e in entries]
+        picked = self.sampler.pick([c.request_id for c in chunks], out)
+        return _Sampled(picked, prompts)
 
     async def _emit_tokens(self, message: StageActivations, flows: list[str],
-                           tokens: list[int]) -> None:
+                           sampled: _Sampled) -> None:
         sent: dict[str, int] = {}
         finished: dict[str, str] = {}
         done: list[str] = []
-        for flow_id, token in zip(flows, tokens, strict=True):
+        for flow_id, pick in zip(flows, sampled.tokens, strict=True):
             state = self.flows.get(flow_id)
             if state is None or state.params is None:  # cancelled while it ran
                 continue
+            token = pick.token_id
             state.generated.append(token)
             reason = finish_reason(
                 generated=state.generated, params=state.params,
@@ -486,7 +529,9 @@ class PipelineWorker:
             self._sampled.append(self.clock())
             await self._quiet_publish(state.reply_to, TokenChunk(
                 request_id=state.request_id, executor_id=self.executor_id, token_ids=[token],
-                finish_reason=reason, via="pipeline"))
+                finish_reason=reason, via="pipeline", index=state.index,
+                logprobs=[pick.logprobs.to_wire()] if pick.logprobs is not None else [],
+                prompt_logprobs=sampled.prompt_logprobs.get(flow_id)))
         if done:
             await self._drop_flows(done)
         if sent:

@@ -7,7 +7,6 @@ NATS, and the executor keeps serving.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,50 +14,11 @@ from typing import Any
 from shared.engine import SamplingParams
 from shared.errors import ContextTooLong, InvalidParameter, KVCacheFull
 
-# sampling keys the router may send that this engine does not implement; only their neutral
-# value is accepted (anything else would silently change what the client asked for)
-_NEUTRAL_ONLY = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
-_KNOWN = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-          "ignore_eos", *_NEUTRAL_ONLY}
-
 
 def sampling_from_wire(raw: Any, vocab_size: int | None = None) -> SamplingParams:
-    """An InferRequest's ``sampling`` map as validated :class:`SamplingParams`.
-
-    Unknown keys are ignored (newer routers may send more); ``None`` means "the default".
-    """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise InvalidParameter(f"sampling must be a map, got {type(raw).__name__}")
-    for key, neutral in _NEUTRAL_ONLY.items():
-        value = raw.get(key)
-        if value is not None and value != neutral:
-            raise InvalidParameter(f"{key}={value!r} is not supported by this executor "
-                                   f"(only {neutral})", field=key)
-    kwargs: dict[str, Any] = {}
-    for key in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"):
-        value = raw.get(key)
-        if value is not None:
-            kwargs[key] = value
-    for key in ("stop", "stop_token_ids"):
-        value = raw.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str | int):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            raise InvalidParameter(f"{key} must be a list, got {type(value).__name__}", field=key)
-        kwargs[key] = tuple(value)
-    if "ignore_eos" in kwargs and not isinstance(kwargs["ignore_eos"], bool):
-        raise InvalidParameter("ignore_eos must be true or false", field="ignore_eos")
-    temperature = kwargs.get("temperature")
-    if isinstance(temperature, int | float) and not isinstance(temperature, bool) \
-            and math.isfinite(temperature):
-        kwargs["temperature"] = float(temperature)
-    params = SamplingParams(**kwargs)
-    params.validate(vocab_size)
-    return params
+    """An InferRequest's ``sampling`` map as validated :class:`SamplingParams` (see
+    :meth:`SamplingParams.from_wire`)."""
+    return SamplingParams.from_wire(raw, vocab_size)
 
 
 def check_prompt(prompt: Any, vocab_size: int) -> list[int]:

@@ -9,9 +9,13 @@ Contract of :meth:`RouterBackend.generate`
       instance could take the request within the backend's bounded wait,
       :class:`~shared.errors.ModelNotFound` for an unknown model, any other
       :class:`~shared.errors.LScaleError` for other failures (mapped through ``http_status``);
-    * yields one :class:`TokenEvent` per generated token, at most ``sampling.max_tokens``;
-      the last event carries ``finish_reason`` (``"stop"`` for an end-of-sequence token, which is
-      yielded too, ``"length"`` at ``max_tokens``); ending without one means ``"stop"``;
+    * yields one :class:`TokenEvent` per generated token, at most ``sampling.max_tokens`` per
+      sequence; a sequence's last event carries ``finish_reason`` (``"stop"`` for an
+      end-of-sequence token, which is yielded too, ``"length"`` at ``max_tokens``); ending
+      without one means ``"stop"``. With ``sampling.num_sequences > 1`` the sequences' events
+      interleave (``index``) and the iterator ends after every sequence finished;
+    * ``logprobs`` on each event when ``sampling.logprobs`` is set; ``prompt_logprobs`` on
+      sequence 0's first event when ``sampling.prompt_logprobs`` is set;
     * stops work when :meth:`RouterBackend.cancel` is called with the request id (the client
       went away or a stop string was hit); cancel of an unknown/finished id is a no-op.
 """
@@ -22,24 +26,21 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from shared.sampling import SamplingParams, TokenLogprobs
+
+__all__ = ["FinishReason", "ModelInfo", "ModelStats", "RouterBackend", "SamplingParams",
+           "TokenEvent", "TokenLogprobs"]
+
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     finish_reason: FinishReason | None = None
+    index: int = 0  # the sequence (of sampling.num_sequences)
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 @dataclass(frozen=True)

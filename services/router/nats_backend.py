@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -61,7 +62,14 @@ import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from services.router.backend import FinishReason, ModelInfo, ModelStats, SamplingParams, TokenEvent
+from services.router.backend import (
+    FinishReason,
+    ModelInfo,
+    ModelStats,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprobs,
+)
 from services.router.catalog import ModelCatalog
 from services.router.routing import (
     Assignment,
@@ -84,6 +92,7 @@ from shared.errors import (
     NotConnected,
     RequestTimeout,
     ShuttingDown,
+    Unavailable,
     error_from_wire,
 )
 from shared.messages import CancelRequest, InferRequest, LayerReadiness, LoadReport, TokenChunk
@@ -154,13 +163,33 @@ class _Flight:
     stop_ids: frozenset[int]
     started: float
     inbox: asyncio.Queue[_Item] = field(default_factory=asyncio.Queue)
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # sequence 0's tokens
     waiting: asyncio.Future[Assignment] | None = None
     assignment: Assignment | None = None
     attempt: int = 0
     reroutes: int = 0
     cancelled: bool = False
-    executor_finished: bool = False
+    others: dict[int, list[int]] = field(default_factory=dict)  # the other sequences' tokens
+    done: set[int] = field(default_factory=set)  # sequences finished (as the router decided)
+    executor_done: set[int] = field(default_factory=set)  # ... as the executor said
+    prompt_logprobs_seen: bool = False
+
+    def tokens_of(self, index: int) -> list[int]:
+        if index == 0:
+            return self.generated
+        return self.others.setdefault(index, [])
+
+    @property
+    def all_done(self) -> bool:
+        return len(self.done) >= self.sampling.num_sequences
+
+    @property
+    def executor_finished(self) -> bool:
+        return len(self.executor_done) >= self.sampling.num_sequences
+
+    @property
+    def any_tokens(self) -> bool:
+        return bool(self.generated) or any(self.others.values())
 
 
 @dataclass(frozen=True)
@@ -291,10 +320,10 @@ class NatsBackend:
                 for event in self._events_of(flight, item):
                     self._record_ttft(flight)
                     yield event
-                    if event.finish_reason is not None:
+                    if flight.all_done:
                         finished = True
                         return
-                if item.finish_reason in ("stop", "length"):
+                if flight.all_done:
                     finished = True
                     return
                 if item.finish_reason == "cancelled":
@@ -333,6 +362,12 @@ class NatsBackend:
     async def _place(self, flight: _Flight, reason: str) -> None:
         """Get the flight a route (queueing with bounded wait), then announce it."""
         if reason != "new":
+            if flight.sampling.num_sequences > 1 and flight.any_tokens:
+                # several sequences cannot continue as one re-prefilled prompt
+                raise Unavailable(
+                    f"request {flight.request_id} lost its route ({reason}) after its "
+                    f"{flight.sampling.num_sequences} sequences had started",
+                    model=flight.model, request_id=flight.request_id)
             flight.reroutes += 1
             if flight.reroutes > self.settings.max_reroutes:
                 raise NoCapacity(
@@ -395,15 +430,13 @@ class NatsBackend:
 
     def _infer_request(self, flight: _Flight, route: Route) -> InferRequest:
         s = flight.sampling
-        sampling: dict[str, Any] = {
-            "max_tokens": s.max_tokens - len(flight.generated),
-            "temperature": s.temperature,
-            "top_p": s.top_p,
-            "seed": s.seed,
-            "presence_penalty": s.presence_penalty,
-            "frequency_penalty": s.frequency_penalty,
-            "stop_token_ids": sorted(flight.stop_ids),
-        }
+        # a re-dispatched request continues: its tokens so far join the prompt
+        sampling = dataclasses.replace(
+            s, max_tokens=s.max_tokens - len(flight.generated),
+            min_tokens=max(0, s.min_tokens - len(flight.generated)),
+            stop_token_ids=tuple(sorted(flight.stop_ids)),
+            prompt_logprobs=None if flight.prompt_logprobs_seen else s.prompt_logprobs,
+        ).to_wire()
         stages: list[dict[str, Any]] = []
         if route.kind is RouteKind.PIPELINE and route.pipeline is not None:
             stages = [{"executor_id": st.executor_id, "start": st.start, "stop": st.stop}
@@ -448,23 +481,39 @@ class NatsBackend:
     def _events_of(self, flight: _Flight, chunk: TokenChunk) -> Iterable[TokenEvent]:
         if chunk.error is not None or chunk.finish_reason == "error":
             raise _chunk_error(chunk)
+        index = chunk.index
+        if index in flight.done or not 0 <= index < flight.sampling.num_sequences:
+            return
+        tokens = flight.tokens_of(index)
         last = len(chunk.token_ids) - 1
+        logprobs = chunk.logprobs if len(chunk.logprobs) == len(chunk.token_ids) else []
+        prompt_lp: tuple[TokenLogprobs | None, ...] | None = None
+        if chunk.prompt_logprobs is not None and not flight.prompt_logprobs_seen:
+            flight.prompt_logprobs_seen = True
+            prompt_lp = tuple(None if e is None else TokenLogprobs.from_wire(e)
+                              for e in chunk.prompt_logprobs)
         for i, token in enumerate(chunk.token_ids):
-            flight.generated.append(token)
+            tokens.append(token)
             reason: FinishReason | None = None
             if i == last and chunk.finish_reason in ("stop", "length"):
                 reason = "stop" if chunk.finish_reason == "stop" else "length"
             elif token in flight.stop_ids:
                 reason = "stop"
-            elif len(flight.generated) >= flight.sampling.max_tokens:
+            elif len(tokens) >= flight.sampling.max_tokens:
                 reason = "length"
             if reason is not None:
-                flight.executor_finished = i == last and chunk.finish_reason is not None
-            yield TokenEvent(token, reason)
+                flight.done.add(index)
+                if i == last and chunk.finish_reason is not None:
+                    flight.executor_done.add(index)
+            yield TokenEvent(token, reason, index,
+                             TokenLogprobs.from_wire(logprobs[i]) if logprobs else None,
+                             prompt_lp)
+            prompt_lp = None
             if reason is not None:
                 return
         if chunk.finish_reason is not None:
-            flight.executor_finished = True
+            flight.done.add(index)
+            flight.executor_done.add(index)
 
     # --- ending --------------------------------------------------------------------------
 
@@ -653,7 +702,7 @@ class NatsBackend:
         return {"models": models, "executors": len(self._known), "in_flight": len(self._flights)}
 
     def _record_ttft(self, flight: _Flight) -> None:
-        if len(flight.generated) == 1:
+        if sum(map(len, (flight.generated, *flight.others.values()))) == 1:
             now = self._clock()
             self._figures_of(flight.model).ttft.append((now, now - flight.started))
 

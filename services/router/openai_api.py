@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.router.backend import FinishReason, SamplingParams
 from shared.errors import ContextTooLong, InvalidParameter, LScaleError
+from shared.sampling import SEED_RANGE
 
 MAX_STOP_SEQUENCES = 4
 StopText = Annotated[str, Field(min_length=1)]
@@ -343,7 +344,7 @@ def sampling_for(
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
-        seed=request.seed,
+        seed=None if request.seed is None else request.seed % (SEED_RANGE[1] + 1),
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
         stop_token_ids=tuple(stop_token_ids),

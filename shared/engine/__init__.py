@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shared.engine.engine import Engine, EngineStats, run_to_completion
 from shared.engine.runner import Chunk, ModelRunner, pick_device
-from shared.engine.sampling import SamplingParams, TokenSampler
+from shared.engine.sampling import SampledToken, SamplingParams, TokenLogprobs, TokenSampler
 from shared.engine.scheduler import Scheduler, SchedulerOutput, StepOutput
 from shared.engine.stage import LastStage, Stage
 
@@ -14,11 +14,13 @@ __all__ = [
     "EngineStats",
     "LastStage",
     "ModelRunner",
+    "SampledToken",
     "SamplingParams",
     "Scheduler",
     "SchedulerOutput",
     "Stage",
     "StepOutput",
+    "TokenLogprobs",
     "TokenSampler",
     "pick_device",
     "run_to_completion",

@@ -20,6 +20,7 @@ layers are not ready) raises and leaves every request where it was, so the step 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ import torch
 
 from shared.engine.pacing import StepPacer
 from shared.engine.runner import DEFAULT_KV_BUDGET_BYTES, Chunk, ModelRunner, pick_device
-from shared.engine.sampling import SamplingParams, TokenSampler
+from shared.engine.sampling import SamplingParams, TokenSampler, prompt_logprobs
 from shared.engine.scheduler import (
     Detokenize,
     RequestStatus,
@@ -37,6 +38,7 @@ from shared.engine.scheduler import (
 )
 from shared.errors import ConfigError, LayersNotReady
 from shared.model.config import ModelConfig
+from shared.sampling import TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class Engine:
             max_batch_tokens=max_batch_tokens,
             decode=decode,
         )
-        self.sampler = TokenSampler(self.device)
+        self.sampler = TokenSampler(self.device, config.eos_token_ids)
         self.steps = 0
 
     def _covers_all_layers(self) -> bool:
@@ -126,14 +128,16 @@ class Engine:
                 request_id=request_id,
             )
         params = params or SamplingParams()
-        self.scheduler.add(request_id, prompt_token_ids, params)
-        self.sampler.add(request_id, params)
+        request = self.scheduler.add(request_id, prompt_token_ids, params)
+        self.sampler.add(request_id, params, request.prompt_token_ids)
 
     def cancel(self, request_id: str) -> bool:
-        """Drop a request (waiting or running) and free its KV; False if unknown."""
-        request = self.scheduler.cancel(request_id)
-        self._release(request_id)
-        return request is not None
+        """Drop a request (waiting or running, every sequence of it) and free its KV; False if
+        unknown."""
+        gone = self.scheduler.cancel_sequences(request_id)
+        for seq in {request_id, *(r.request_id for r in gone)}:
+            self._release(seq)
+        return bool(gone)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -152,22 +156,62 @@ class Engine:
             return []
         chunks = [Chunk(c.request_id, c.start, len(c.token_ids)) for c in scheduled.chunks]
         token_ids = [t for c in scheduled.chunks for t in c.token_ids]
+        # prefills whose prompt logprobs were asked for need every position's logits
+        echo: dict[int, int] = {}  # chunk index -> top logprobs wanted
+        for i, c in enumerate(scheduled.chunks):
+            k = self.scheduler.running[c.request_id].params.prompt_logprobs
+            if c.is_prefill and k is not None:
+                echo[i] = k
         try:
             x = torch.tensor(token_ids, dtype=torch.int64, device=self.stages[0].device)
-            for stage in self.stages:
+            for stage in self.stages[:-1]:
                 x = stage.forward(chunks, x)
+            x = self.stages[-1].forward(chunks, x, all_logits=bool(echo))
         except BaseException:
             self._unschedule(scheduled.chunks)
             raise
-        tokens = self.sampler.sample([c.request_id for c in chunks], x)
+        ends = [0]
+        for chunk in chunks:
+            ends.append(ends[-1] + chunk.length)
+        full = x if echo else None
+        if full is not None:
+            last = torch.tensor([e - 1 for e in ends[1:]], dtype=torch.int64, device=x.device)
+            x = full.index_select(0, last)
+        # a request with several sequences: its one row of logits is sampled for each, and
+        # each new sequence gets a copy of the prefilled KV row
+        seq_lists = [self.scheduler.sequence_ids(c) for c in scheduled.chunks]
+        flat = [seq for seqs in seq_lists for seq in seqs]
+        for chunk, seqs in zip(chunks, seq_lists, strict=True):
+            for index, child in enumerate(seqs[1:], start=1):
+                for stage in self.stages:
+                    stage.fork(chunk.request_id, child)
+                self.sampler.fork(chunk.request_id, child, index)
+        if len(flat) != len(chunks):
+            rows = [i for i, seqs in enumerate(seq_lists) for _ in seqs]
+            x = x.index_select(0, torch.tensor(rows, dtype=torch.int64, device=x.device))
+        picked = self.sampler.pick(flat, x)
         outputs = self.scheduler.update(
-            scheduled, dict(zip([c.request_id for c in chunks], tokens, strict=True))
-        )
+            scheduled, {seq: p.token_id for seq, p in zip(flat, picked, strict=True)})
+        by_seq = dict(zip(flat, picked, strict=True))
+        prompts: dict[str, list[TokenLogprobs | None]] = {}
+        if full is not None:
+            for i, k in echo.items():
+                prefill = scheduled.chunks[i]
+                prompts[prefill.request_id] = prompt_logprobs(
+                    prefill.token_ids, full[ends[i]:ends[i + 1]], k)
+        result: list[StepOutput] = []
         for out in outputs:
+            seq = out.seq_id or out.request_id
+            lp = by_seq[seq].logprobs
+            plp = prompts.get(out.request_id) if out.index == 0 and out.seq_id == out.request_id \
+                else None
+            if lp is not None or plp is not None:
+                out = dataclasses.replace(out, logprobs=lp, prompt_logprobs=plp)
+            result.append(out)
             if out.finished:
-                self._release(out.request_id)
+                self._release(seq)
         self.steps += 1
-        return outputs
+        return result
 
     def _unschedule(self, chunks: Sequence[ScheduledChunk]) -> None:
         """After a failed forward: newly admitted requests go back to the front of the queue."""

@@ -150,6 +150,19 @@ class KVCache:
         self.lengths[last] = 0
         return True
 
+    def fork(self, parent: str, child: str) -> int:
+        """Open a row for ``child`` holding a copy of ``parent``'s cached positions (several
+        sequences of one request share its prefill); :class:`KVCacheFull` if none is free."""
+        src = self.row_of.get(parent)
+        if src is None:
+            raise EngineError(f"request {parent!r} has no KV row to fork", request_id=parent)
+        row = self.open(child)
+        length = self.lengths[src]
+        if length:
+            self.slab[:, :, row, :, :length].copy_(self.slab[:, :, src, :, :length])
+        self.lengths[row] = length
+        return row
+
     def length_of(self, request_id: str) -> int:
         row = self.row_of.get(request_id)
         return 0 if row is None else self.lengths[row]

@@ -253,6 +253,10 @@ class ModelRunner:
         """Free the request's KV row (finish, cancel, or migration)."""
         return self.kv.close(request_id)
 
+    def fork(self, parent: str, child: str) -> None:
+        """Give ``child`` a KV row with a copy of ``parent``'s (shared prefill of n sequences)."""
+        self.kv.fork(parent, child)
+
     def check_layers(self, layers: tuple[int, int] | None) -> None:
         """Raise :class:`LayersNotReady` unless this runner holds (and has) ``layers``."""
         first, last = layers if layers is not None else (self.first, self.last)

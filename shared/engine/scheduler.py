@@ -21,6 +21,14 @@ decides whether the request is finished:
 - ``"length"``: ``max_tokens`` generated, or the sequence filled its KV row.
 
 Finished requests leave ``running`` at once; the caller frees their KV rows.
+
+Several sequences of one request (``n``/``best_of``: ``params.num_sequences``)
+    A request is admitted only when a KV row is free for each of its sequences. Its prompt is
+    prefilled once, as sequence 0 (the request id itself); the step's one row of logits is
+    sampled once per sequence (:meth:`sequence_ids`), and :meth:`update` then creates the other
+    sequences (``child_id(request_id, i)``), each running on from the shared prompt. The
+    engine copies the prefilled KV row into a new row for each (a fork) before the next step.
+    Outputs name the request and the sequence ``index``; each sequence finishes on its own.
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from shared.engine.sampling import SamplingParams
 from shared.errors import ContextTooLong, InvalidParameter, KVCacheFull
+from shared.sampling import SamplingParams, TokenLogprobs
 
 Detokenize = Callable[[Sequence[int]], str]
 
@@ -54,6 +62,12 @@ class Request:
     finish_reason: str | None = None
     stop_string: str | None = None
     _text_checked: int = 0  # length of the detokenized output already searched for stops
+    group: str = ""  # the request this sequence belongs to ("" : itself)
+    index: int = 0  # its place among the request's sequences
+
+    @property
+    def group_id(self) -> str:
+        return self.group or self.request_id
 
     @property
     def total_len(self) -> int:
@@ -87,7 +101,8 @@ class SchedulerOutput:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """One request's result of one step: the new token and whether it was the last."""
+    """One sequence's result of one step: the new token and whether it was the last.
+    ``request_id`` is the request's; ``index`` and ``seq_id`` name the sequence."""
 
     request_id: str
     token_id: int
@@ -95,6 +110,17 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" | "length" when finished
     stop_string: str | None = None
     num_generated: int = 0
+    index: int = 0
+    seq_id: str = ""
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    # at a request's first token (sequence 0), when it asked for prompt logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+def child_id(request_id: str, index: int) -> str:
+    """The engine-internal id of sequence ``index`` (> 0) of a request; a unit separator
+    keeps it from meeting any id a caller chose."""
+    return f"{request_id}\x1f{index}"
 
 
 class Scheduler:
@@ -149,6 +175,10 @@ class Scheduler:
                     request_id=request_id,
                 )
         params.validate(self.vocab_size)
+        if params.num_sequences > self.capacity:
+            raise KVCacheFull(
+                f"{params.num_sequences} sequences need as many KV rows; this engine has "
+                f"{self.capacity}", request_id=request_id)
         if params.stop and self.decode is None:
             raise InvalidParameter(
                 "stop strings need a tokenizer; this engine has none", field="stop"
@@ -171,8 +201,21 @@ class Scheduler:
         return request
 
     def cancel(self, request_id: str) -> Request | None:
-        """Drop a waiting or running request; returns it (the caller frees its KV) or None."""
-        request = self.running.pop(request_id, None)
+        """Drop a waiting or running request with all its sequences; returns its first (the
+        caller frees the KV of :meth:`cancel_sequences`) or None."""
+        gone = self.cancel_sequences(request_id)
+        return gone[0] if gone else None
+
+    def cancel_sequences(self, request_id: str) -> list[Request]:
+        """Drop every sequence of a request (waiting or running); the dropped ones."""
+        gone = [r for r in self.running.values() if r.group_id == request_id]
+        for r in gone:
+            del self.running[r.request_id]
+            r.status = RequestStatus.FINISHED
+            r.finish_reason = "cancelled"
+        if gone:
+            return gone
+        request = None
         if request is None:
             for queued in self.waiting:
                 if queued.request_id == request_id:
@@ -182,7 +225,22 @@ class Scheduler:
         if request is not None:
             request.status = RequestStatus.FINISHED
             request.finish_reason = "cancelled"
-        return request
+            return [request]
+        return []
+
+    def request_ids(self) -> list[str]:
+        """Every request still here (running or waiting), once each."""
+        ids = dict.fromkeys(r.group_id for r in self.running.values())
+        ids.update(dict.fromkeys(r.request_id for r in self.waiting))
+        return list(ids)
+
+    def sequence_ids(self, chunk: ScheduledChunk) -> list[str]:
+        """The sequences a chunk's logits are sampled for: all of a request's at its prefill."""
+        request = self.running.get(chunk.request_id)
+        if request is None or not chunk.is_prefill or request.group:
+            return [chunk.request_id]
+        n = request.params.num_sequences
+        return [chunk.request_id] + [child_id(chunk.request_id, i) for i in range(1, n)]
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
@@ -201,7 +259,8 @@ class Scheduler:
                 )
                 budget -= 1
         prefilled_any = False
-        while self.waiting and len(self.running) < self.capacity:
+        while self.waiting and \
+                len(self.running) + self.waiting[0].params.num_sequences <= self.capacity:
             request = self.waiting[0]
             need = len(request.prompt_token_ids)
             # a prompt larger than the budget goes alone (with the decodes), never starves
@@ -216,33 +275,44 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks))
 
     def update(self, scheduled: SchedulerOutput, sampled: Mapping[str, int]) -> list[StepOutput]:
-        """Apply this step's sampled tokens; one output per scheduled request still known."""
+        """Apply this step's sampled tokens (one per :meth:`sequence_ids`); one output per
+        sequence still known."""
         outputs: list[StepOutput] = []
         for chunk in scheduled.chunks:
-            request = self.running.get(chunk.request_id)
-            if request is None:  # cancelled while the step ran
+            first = self.running.get(chunk.request_id)
+            if first is None:  # cancelled while the step ran
                 continue
-            token = sampled[chunk.request_id]
-            request.num_cached = chunk.start + len(chunk.token_ids)
-            request.output_token_ids.append(token)
-            self.tokens_generated += 1
-            reason, stop_string = self._finish_reason(request, token)
-            if reason is not None:
-                request.status = RequestStatus.FINISHED
-                request.finish_reason = reason
-                request.stop_string = stop_string
-                del self.running[request.request_id]
-            outputs.append(
-                StepOutput(
-                    request.request_id,
-                    token,
-                    reason is not None,
-                    reason,
-                    stop_string,
-                    len(request.output_token_ids),
-                )
-            )
+            seqs = [first]
+            for i, seq_id in enumerate(self.sequence_ids(chunk)[1:], start=1):
+                child = Request(seq_id, first.prompt_token_ids, first.params, first.arrival,
+                                RequestStatus.RUNNING, group=first.request_id, index=i)
+                self.running[seq_id] = child
+                seqs.append(child)
+            for request in seqs:
+                outputs.append(self._advance(request, chunk, sampled[request.request_id]))
         return outputs
+
+    def _advance(self, request: Request, chunk: ScheduledChunk, token: int) -> StepOutput:
+        """Append one sequence's new token and decide whether it is finished."""
+        request.num_cached = chunk.start + len(chunk.token_ids)
+        request.output_token_ids.append(token)
+        self.tokens_generated += 1
+        reason, stop_string = self._finish_reason(request, token)
+        if reason is not None:
+            request.status = RequestStatus.FINISHED
+            request.finish_reason = reason
+            request.stop_string = stop_string
+            del self.running[request.request_id]
+        return StepOutput(
+            request.group_id,
+            token,
+            reason is not None,
+            reason,
+            stop_string,
+            len(request.output_token_ids),
+            request.index,
+            request.request_id,
+        )
 
     def _finish_reason(self, request: Request, token: int) -> tuple[str | None, str | None]:
         params = request.params
@@ -250,7 +320,8 @@ class Scheduler:
             not params.ignore_eos and token in self.eos_token_ids
         ):
             return "stop", None
-        if params.stop and self.decode is not None:
+        if params.stop and self.decode is not None \
+                and len(request.output_token_ids) >= params.min_tokens:
             text = self.decode(request.output_token_ids)
             longest = max(len(s) for s in params.stop)
             tail_from = max(0, request._text_checked - longest + 1)

@@ -46,6 +46,10 @@ class Stage(Protocol):
         """Free the request's KV."""
         ...
 
+    def fork(self, parent: str, child: str) -> None:
+        """Give ``child`` a KV row holding a copy of ``parent``'s."""
+        ...
+
     def check_layers(self, layers: tuple[int, int] | None) -> None:
         """Raise LayersNotReady unless the stage holds and has the layers."""
         ...
@@ -58,7 +62,7 @@ class LastStage:
         if not runner.is_last:
             raise EngineError(f"layers [{runner.first}, {runner.last}) do not end the model")
         self.runner = runner
-        self.sampler = TokenSampler(runner.device)
+        self.sampler = TokenSampler(runner.device, runner.config.eos_token_ids)
 
     def open(self, request_id: str, params: SamplingParams) -> None:
         """Register a request's sampling parameters (with its first chunk)."""

@@ -189,7 +189,9 @@ async def test_bad_input_gets_typed_errors_and_the_executor_keeps_serving(
         ({"sampling": {"temperature": -1}}, InvalidParameter),
         ({"sampling": {"max_tokens": 0}}, InvalidParameter),
         ({"sampling": {"top_p": 2}}, InvalidParameter),
-        ({"sampling": {"presence_penalty": 0.5}}, InvalidParameter),
+        # penalties are implemented now (the test used to expect 0.5 refused): out of range is
+        ({"sampling": {"presence_penalty": 2.5}}, InvalidParameter),
+        ({"sampling": {"n": 1000}}, InvalidParameter),
         ({"sampling": {"stop": ["\n"]}}, InvalidParameter),
         ({"sampling": "greedy"}, DecodeError),
         ({"reply_to": ""}, InvalidParameter),

@@ -74,8 +74,12 @@ def test_sampling_and_prompt_checks() -> None:
     params = sampling_from_wire({"max_tokens": 5, "temperature": 0, "seed": None, "top_p": None,
                                  "presence_penalty": 0.0, "stop_token_ids": [3], "new": 1})
     assert params == SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=(3,))
-    for bad in ({"temperature": "hot"}, {"frequency_penalty": 1.0}, {"ignore_eos": 1},
-                {"stop_token_ids": {"a": 1}}, {"seed": -1}):
+    # penalties are implemented now: a valid one is taken, an out-of-range one refused
+    assert sampling_from_wire({"frequency_penalty": 1, "repetition_penalty": 1.2}, 512) == \
+        SamplingParams(frequency_penalty=1.0, repetition_penalty=1.2)
+    for bad in ({"temperature": "hot"}, {"frequency_penalty": 2.5}, {"ignore_eos": 1},
+                {"stop_token_ids": {"a": 1}}, {"seed": -1}, {"repetition_penalty": 0},
+                {"logprobs": 21}, {"n": 2, "best_of": 1}, {"min_tokens": 9, "max_tokens": 4}):
         with pytest.raises(InvalidParameter):
             sampling_from_wire(bad, 512)
     with pytest.raises(ContextTooLong):
