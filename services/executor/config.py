@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 
 from shared.config import ServiceConfig
@@ -23,7 +24,10 @@ class ExecutorConfig(ServiceConfig):
     data_host: str = field(default="127.0.0.1", metadata={
         "help": "address the weight region's server binds to"})
     data_advertise_host: str = field(default="", metadata={
-        "help": "address peers use to reach the region (default: data_host)"})
+        "help": "address peers use to reach the region (default: data_host, or this "
+                "host's own address when data_host is 0.0.0.0 or ::)"})
+    metrics_port: int = field(default=0, metadata={
+        "help": "serve Prometheus text at http://<data_host>:<port>/metrics (0: off)"})
     kv_budget_mb: int = field(default=256, metadata={
         "help": "KV cache of the local engine (and of the pipeline-stage runner), MiB"})
     host_budget_mb: int = field(default=1024, metadata={
@@ -59,6 +63,8 @@ class ExecutorConfig(ServiceConfig):
         for name in ("kv_budget_mb", "max_batch_tokens", "parts"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be >= 1")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port", "must be a TCP port (0: off)")
         for name in ("host_budget_mb", "max_running", "max_seq_len", "max_stage_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must be >= 0")
@@ -80,3 +86,17 @@ class ExecutorConfig(ServiceConfig):
     @property
     def host_budget_bytes(self) -> int:
         return self.host_budget_mb * MIB
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def advertised_data_host(config: ExecutorConfig) -> str:
+    """The address peers write weights to: the configured one, else the bind address, else
+    (bound on every interface, as in a container) this host's name resolved, which in a
+    container is its address on its network."""
+    if config.data_advertise_host:
+        return config.data_advertise_host
+    if config.data_host not in WILDCARD_HOSTS:
+        return config.data_host
+    return socket.gethostbyname(socket.gethostname())

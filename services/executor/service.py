@@ -50,8 +50,9 @@ from typing import Any
 import torch
 from nats.aio.msg import Msg
 
+from services.executor import prometheus
 from services.executor.compute import ComputeThread
-from services.executor.config import ExecutorConfig
+from services.executor.config import ExecutorConfig, advertised_data_host
 from services.executor.inference import EngineDriver
 from services.executor.loading import WeightCopy, load_from_store
 from services.executor.pipeline import PipelineWorker
@@ -91,6 +92,7 @@ from shared.messages import (
     TokenChunk,
     decode_any,
 )
+from shared.metrics_http import MetricsEndpoint
 from shared.runtime import Service
 from shared.transport.peer import DataPlanePeer, serve_send_chunks
 
@@ -132,9 +134,11 @@ class ExecutorService(Service[ExecutorConfig]):
         self._assigned_since: float | None = None
         self._host_senders: dict[tuple[str, int], DataPlanePeer] = {}
         self._last_load_error = ""
+        self._metrics_endpoint: MetricsEndpoint | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def setup(self) -> None:
+        await self._serve_prometheus()
         await self.endpoint("ctl", subjects.exec_ctl(self.id), self._ctl)
         await self.endpoint("send", subjects.exec_send(self.id), self._send,
                             message_type=SendChunks)
@@ -161,7 +165,17 @@ class ExecutorService(Service[ExecutorConfig]):
         self._host_senders.clear()
 
     async def teardown(self) -> None:
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.close()
         await asyncio.to_thread(self.compute.shutdown)
+
+    async def _serve_prometheus(self) -> None:
+        if self.config.metrics_port <= 0:
+            return
+        self._metrics_endpoint = MetricsEndpoint(
+            lambda: prometheus.render(self.id, self.metrics()), host=self.config.data_host,
+            port=self.config.metrics_port)
+        await self._metrics_endpoint.start()
 
     # -- readiness ----------------------------------------------------------------------------
     def readiness(self) -> LayerReadiness:
@@ -259,7 +273,7 @@ class ExecutorService(Service[ExecutorConfig]):
         copy = WeightCopy(
             self.id, manifest, device=self.device, parts=parts,
             transport=request.transport or self.config.transport, host=self.config.data_host,
-            advertise_host=self.config.data_advertise_host or None,
+            advertise_host=advertised_data_host(self.config),
             on_blocks=lambda blocks: self._blocks_arrived(copy, blocks))
         await copy.start()
         self.copy = copy

@@ -12,34 +12,15 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from services.router.backend import ModelStats
+from shared.promtext import CONTENT_TYPE, Labels
+from shared.promtext import labels_text as _labels
+from shared.promtext import number as _number
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Counter", "Histogram", "RouterMetrics"]
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )
-
-Labels = tuple[tuple[str, str], ...]
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(labels: Labels, extra: Labels = ()) -> str:
-    pairs = (*labels, *extra)
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
 
 class Counter:
     def __init__(self, name: str, help_text: str) -> None:

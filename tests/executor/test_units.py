@@ -143,3 +143,18 @@ def test_large_stage_messages_split_and_reassemble() -> None:
     assert reassembler.expire(now=100.0, max_age_s=10.0) == 1
     with pytest.raises(PayloadTooLarge):
         split_message(message, data, 100)
+
+
+def test_advertised_data_host_is_reachable_when_bound_on_every_interface() -> None:
+    import socket
+
+    from services.executor.config import ExecutorConfig, advertised_data_host
+
+    assert advertised_data_host(ExecutorConfig()) == "127.0.0.1"
+    assert advertised_data_host(ExecutorConfig(data_host="10.1.2.3")) == "10.1.2.3"
+    assert advertised_data_host(ExecutorConfig(data_host="0.0.0.0",
+                                               data_advertise_host="node-7")) == "node-7"
+    # bound on every interface (a container): peers get this host's own address, never 0.0.0.0
+    own = socket.gethostbyname(socket.gethostname())
+    for wildcard in ("0.0.0.0", "::"):
+        assert advertised_data_host(ExecutorConfig(data_host=wildcard)) == own != wildcard
