@@ -11,7 +11,7 @@ EXECUTORS ?= 2
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck bench clean venv
+.PHONY: run test lint typecheck bench clean venv image compose-smoke
 
 venv: $(STAMP)
 
@@ -30,6 +30,18 @@ test: $(STAMP)
 	@$(VENV)/bin/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests — failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
+
+# --- Docker (needs an engine: ../shared/tools/docker-engine.sh starts one here) -------------
+# The image; prints its size and checks the runtime stage holds no build tools. Where no image
+# registry answers it builds on the local base with the torch wheel and CA bundle on disk.
+IMAGE ?= lscale:latest
+image:
+	PYTHON=$(PYTHON) bash compose/build-image.sh $(IMAGE)
+
+# Build, up, serve through the router with the openai client, lscale top/status, scale to 3,
+# kill an executor and see it replaced, down -v leaves nothing (tests/deploy, marker docker).
+compose-smoke: $(STAMP)
+	LSCALE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -m docker -s -p no:cacheprovider tests/deploy/test_compose_up.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

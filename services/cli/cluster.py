@@ -64,6 +64,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         help="seconds to collect discovery replies")
     status.set_defaults(func=cmd_status)
 
+    seed = sub.add_parser("seed", help="create, add and deploy the default tiny model in a "
+                          "running cluster (what `lscale up` does on its first run)")
+    seed.add_argument("--nats-url", default=None,
+                      help="NATS URL (default: LSCALE_NATS_URL, or the one `lscale up` recorded)")
+    seed.add_argument("--state-dir", default=default_state_dir(),
+                      help="the checkpoint goes to <state-dir>/checkpoints: the model store "
+                           "must see that path (compose mounts it in both)")
+    seed.add_argument("--wait", type=float, default=120.0,
+                      help="seconds to wait for the model store and the scaler to answer")
+    seed.set_defaults(func=cmd_seed)
+
 
 def resolve_nats_url(explicit: str | None, state_dir: str) -> str:
     """The NATS URL from a flag, ``LSCALE_NATS_URL``, or the running cluster's record."""
@@ -272,6 +283,38 @@ def _admin_auth(auth_dir: Path | None, tls_env: dict[str, str]) -> Any:
     if auth_dir is not None and AuthFiles(auth_dir).env_file("admin").is_file():
         values = read_env_file(AuthFiles(auth_dir).env_file("admin"))
     return ClientAuth.from_env({**values, **tls_env})
+
+
+async def _seed(nats_url: str, state_dir: Path, wait_s: float, auth: Any = None) -> None:
+    from shared.bus import Bus
+    from shared.discovery import discover
+    from shared.errors import Unavailable
+
+    bus = await Bus.connect(nats_url, "lscale-seed", auth=auth)
+    try:
+        deadline = time.monotonic() + wait_s
+        needed = {"model_store", "scaler"}
+        while True:
+            running = {r.kind for r in await discover(bus, window=0.3) if r.state == "running"}
+            if needed <= running:
+                break
+            if time.monotonic() > deadline:
+                raise Unavailable(f"not running after {wait_s:g}s: "
+                                  f"{', '.join(sorted(needed - running))}")
+            await asyncio.sleep(0.5)
+    finally:
+        await bus.close()
+    await ensure_default_model(nats_url, state_dir, auth)
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from shared.runtime import run_async
+
+    url = resolve_nats_url(args.nats_url, args.state_dir)
+    # admin: it adds a model and deploys (LSCALE_NATS_* or the local cluster's files)
+    run_async(_seed(url, Path(args.state_dir).resolve(), args.wait, cli_auth(args.state_dir)))
+    print(f"lscale: {DEFAULT_MODEL!r} is in the store and deployed", flush=True)
+    return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -70,6 +70,30 @@ def new_executor_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def parse_pairs(setting: str, text: str) -> dict[str, str]:
+    """``NAME=VALUE,NAME=VALUE`` (a setting's value) as a map; ConfigError on a bad item."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(setting, f"{item!r} is not NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def parse_volumes(setting: str, text: str) -> dict[str, dict[str, str]]:
+    """``SOURCE:TARGET[:ro|rw],...`` as the docker SDK's ``volumes`` map."""
+    out: dict[str, dict[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.split(":")
+        mode = parts.pop() if len(parts) == 3 else "rw"
+        if len(parts) != 2 or not all(parts) or not parts[1].startswith("/") \
+                or mode not in ("ro", "rw"):
+            raise ConfigError(setting, f"{item!r} is not SOURCE:/TARGET[:ro|rw]")
+        out[parts[0]] = {"bind": parts[1], "mode": mode}
+    return out
+
+
 def _fill(template: Sequence[str], values: Mapping[str, str]) -> builtins.list[str]:
     # Plain replacement, not str.format: a literal brace in an argument stays as it is.
     out = []

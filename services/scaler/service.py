@@ -95,6 +95,8 @@ from services.scaler.provisioners import (
     DockerProvisioner,
     LocalProcessProvisioner,
     Provisioner,
+    parse_pairs,
+    parse_volumes,
 )
 from services.scaler.reconcile import (
     INSTANCE_KV_PREFIX,
@@ -196,6 +198,14 @@ class ScalerConfig(ServiceConfig):
     provisioner_nats_env: str = field(default="", metadata={
         "help": "file of LSCALE_NATS_* lines: the NATS credentials of the executors it starts "
                 "(they never get the scaler's own)"})
+    provisioner_env: str = field(default="", metadata={
+        "help": "extra NAME=VALUE,... for the executors a provisioner starts (their "
+                "credentials come from provisioner_nats_env)"})
+    provisioner_volumes: str = field(default="", metadata={
+        "help": "docker: SOURCE:TARGET[:ro],... mounted into provisioned executors"})
+    provisioner_labels: str = field(default="", metadata={
+        "help": "docker: extra NAME=VALUE,... labels of provisioned executors (e.g. the "
+                "compose project, so that `down --remove-orphans` removes them)"})
     max_executors: int = field(
         default=0, metadata={"help": "provisioner: at most this many executors (0: no cap)"})
     executor_idle_s: float = field(
@@ -217,6 +227,9 @@ class ScalerConfig(ServiceConfig):
             raise ConfigError("provisioner", f"{self.provisioner!r} is not none|local|docker")
         if self.provisioner == "docker" and not self.provisioner_image:
             raise ConfigError("provisioner_image", "the docker provisioner needs an image")
+        for name in ("provisioner_env", "provisioner_labels"):
+            parse_pairs(name, getattr(self, name))
+        parse_volumes("provisioner_volumes", self.provisioner_volumes)
         if self.multicast_parts < 1:
             raise ConfigError("multicast_parts", "must be >= 1")
         if self.max_executors < 0:
@@ -352,15 +365,22 @@ class ScalerService(Service[ScalerConfig]):
         # an executor connects as an executor: blank the scaler's own credentials, then add
         # the executors' (an executor started with the scaler's identity would control others)
         env.update(executor_nats_env(cfg.provisioner_nats_env))
+        extra_env = parse_pairs("provisioner_env", cfg.provisioner_env)
         # The executor's config takes its id as --instance-id (every ServiceConfig does).
         command = (shlex.split(cfg.provisioner_command) if cfg.provisioner_command else
                    ["{python}", "-m", "services.executor", "--instance-id", "{executor_id}"])
         if cfg.provisioner == "local":
-            return LocalProcessProvisioner(command=command, env=env,
+            return LocalProcessProvisioner(command=command, env={**env, **extra_env},
                                            log_dir=Path(cfg.state_dir) / "logs")
         docker_command = [part.replace("{python}", "python") for part in command]
-        return DockerProvisioner(image=cfg.provisioner_image, command=docker_command, env=env,
-                                 network=cfg.provisioner_network or None)
+        # A container's weight region must listen on its network, not its loopback; it then
+        # advertises the address its hostname resolves to (services.executor.config).
+        docker_env = {**env, "LSCALE_DATA_HOST": "0.0.0.0", **extra_env}
+        volumes = parse_volumes("provisioner_volumes", cfg.provisioner_volumes)
+        return DockerProvisioner(image=cfg.provisioner_image, command=docker_command,
+                                 env=docker_env, network=cfg.provisioner_network or None,
+                                 labels=parse_pairs("provisioner_labels", cfg.provisioner_labels),
+                                 run_kwargs={"volumes": volumes} if volumes else None)
 
     async def on_drain(self) -> None:
         for mirror in self._mirrors:

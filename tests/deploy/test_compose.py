@@ -23,6 +23,8 @@ BASE = COMPOSE / "docker-compose.yml"
 OVERRIDES = [COMPOSE / "docker-compose.gpu.yml", COMPOSE / "docker-compose.provisioner.yml"]
 SERVICE_KINDS = {"router", "scaler", "model_store", "transfer", "executor"}
 MONITORING = {"prometheus", "grafana"}
+# also the λScale image: NATS (its nats-server, so no registry is needed) and the one-shot seed
+ONE_IMAGE_EXTRAS = {"nats", "seed"}
 # settings the env file sets ahead of the router's own config class (`lscale up` passes
 # LSCALE_HTTP_PORT already); anything else must be a real setting
 PENDING_SETTINGS = {"http_host", "http_port"}
@@ -63,9 +65,14 @@ def lscale_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_base_file_has_the_cluster() -> None:
+    # (rewritten for the runnable cluster: NATS runs from the λScale image, and a one-shot
+    # `seed` service adds and deploys the default model)
     compose = load(BASE)
-    assert set(compose["services"]) == {"nats", *SERVICE_KINDS, *MONITORING}
-    assert set(lscale_services(compose)) == SERVICE_KINDS
+    assert set(compose["services"]) == {*ONE_IMAGE_EXTRAS, *SERVICE_KINDS, *MONITORING}
+    assert set(lscale_services(compose)) == SERVICE_KINDS | ONE_IMAGE_EXTRAS
+    seed = compose["services"]["seed"]
+    assert seed["command"] == ["lscale", "seed"] and seed["restart"] == "no"
+    assert {"model_store", "scaler"} <= set(seed["depends_on"])
 
 
 def test_every_lscale_command_names_a_service_module() -> None:
@@ -75,6 +82,11 @@ def test_every_lscale_command_names_a_service_module() -> None:
             if command is None or name in {"nats", *MONITORING}:
                 continue
             first = command[0] if isinstance(command, list) else command.split()[0]
+            if first == "lscale":  # a CLI command: it must parse
+                from services.cli.main import build_parser
+
+                build_parser().parse_args(command[1:])
+                continue
             if first in ("python", "python3"):  # python -m services.<kind>
                 first = command[command.index("-m") + 1].removeprefix("services.")
             assert (ROOT / "services" / first / "__main__.py").is_file(), f"{path.name}: {name}"
@@ -111,11 +123,15 @@ def test_references_resolve() -> None:
 
 def test_every_service_restarts_and_has_a_health_check() -> None:
     for name, svc in load(BASE)["services"].items():
+        if name == "seed":  # one-shot: it runs to completion once
+            continue
         assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), name
         test = svc.get("healthcheck", {}).get("test")
         assert test and test[0] in ("CMD", "CMD-SHELL"), name
     for name, svc in lscale_services(load(BASE)).items():
-        assert svc["healthcheck"]["test"] == ["CMD", "lscale-healthcheck"], name
+        if name in ONE_IMAGE_EXTRAS:
+            continue
+        assert svc["healthcheck"]["test"][:2] == ["CMD", "lscale-healthcheck"], name
         assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
 
 
@@ -124,13 +140,15 @@ def test_monitoring_is_an_optional_profile() -> None:
         assert (svc.get("profiles") == ["monitoring"]) == (name in MONITORING), name
 
 
-def test_host_ports_are_unique_across_all_files() -> None:
+def test_host_ports_are_unique_across_all_files_and_local_only() -> None:
+    # (extended: every port is published on 127.0.0.1 only, never on all interfaces)
     env = dotenv(COMPOSE / ".env")
     seen: dict[str, str] = {}
     for path in (BASE, *OVERRIDES):
         for name, svc in load(path)["services"].items():
             for spec in svc.get("ports") or []:
-                host = interpolate(str(spec), env).rsplit(":", 1)[0]
+                address, host, _container = interpolate(str(spec), env).split(":")
+                assert address == "127.0.0.1", f"{path.name}: {name} publishes {spec}"
                 assert host not in seen or seen[host] == name, \
                     f"host port {host}: {seen.get(host)} and {name}"
                 seen[host] = name
@@ -152,11 +170,15 @@ def test_env_file_is_a_valid_service_config_pointing_at_the_nats_service() -> No
     config = config_from(ServiceConfig, {}, env)  # raises ConfigError on a bad value
     host_port = config.nats_url.removeprefix("nats://")
     host, port = host_port.split(":")
+    # (rewritten: NATS is the nats-server of the λScale image, configured by a mounted file)
     nats = load(BASE)["services"][host]
-    assert nats["image"].startswith("nats:")
+    assert nats["entrypoint"] == ["nats-server"] and nats["command"][0] == "-c"
     assert port == "4222" and any(str(p).endswith(":4222") for p in nats["ports"])
-    assert nats["command"][:3] == ["-js", "-sd", "/data"]
-    assert any(short_volume(v)[1] == "/data" for v in nats["volumes"])
+    mounts = {short_volume(v)[1]: short_volume(v)[0] for v in nats["volumes"]}
+    conf = (COMPOSE / mounts[nats["command"][1]]).read_text()
+    store_dir = re.search(r"store_dir:\s*(\S+)", conf)
+    assert store_dir and store_dir.group(1) in mounts, "JetStream state must be on a volume"
+    assert "max_payload: 8MB" in conf
 
 
 def test_executors_and_the_docker_provisioner_agree() -> None:
@@ -170,8 +192,16 @@ def test_executors_and_the_docker_provisioner_agree() -> None:
     assert int(interpolate(str(executor["deploy"]["replicas"]), dotenv(COMPOSE / ".env"))) >= 1
     network = base["networks"]["lscale"]["name"]
     provisioner = load(COMPOSE / "docker-compose.provisioner.yml")["services"]["scaler"]
-    assert provisioner["environment"]["LSCALE_EXECUTOR_NETWORK"] == network
-    assert provisioner["environment"]["LSCALE_EXECUTOR_IMAGE"] == base["services"]["scaler"]["image"]
+    # (fixed: the variables are the scaler's real settings, provisioner_image/_network)
+    settings = provisioner["environment"]
+    assert settings["LSCALE_PROVISIONER_NETWORK"] == network
+    assert settings["LSCALE_PROVISIONER_IMAGE"] == base["services"]["scaler"]["image"]
+    from services.scaler.service import ScalerConfig
+
+    config = config_from(ScalerConfig, {}, {k: interpolate(str(v), {})
+                                            for k, v in settings.items()
+                                            if k.startswith("LSCALE_")})
+    assert config.provisioner == "docker" and config.provisioner_image
     assert "/var/run/docker.sock:/var/run/docker.sock" in provisioner["volumes"]
 
 
@@ -232,15 +262,33 @@ async def test_prometheus_scrapes_what_the_router_serves() -> None:
     status, text = await router_metrics_text(router_job.get("metrics_path", "/metrics"))
     assert status == 200
     assert "lscale_router_time_to_first_token_seconds_bucket" in exposed_metric_names(text)
+    # executors: every replica by the compose DNS name, on the port they are told to serve
+    (sd,) = jobs["lscale-executor"]["dns_sd_configs"]
+    (name,) = sd["names"]
+    executor = services[name]
+    assert sd["type"] == "A" and str(sd["port"]) == executor["environment"]["LSCALE_METRICS_PORT"]
+    assert executor["environment"]["LSCALE_DATA_HOST"] == "0.0.0.0"  # the port listens there
+    assert "lscale_executor_kv_total_tokens" in exposed_metric_names(executor_metrics_text())
 
 
-async def test_grafana_dashboard_queries_only_metrics_the_router_exposes() -> None:
+def executor_metrics_text() -> str:
+    """What a busy executor's /metrics serves (services.executor.prometheus)."""
+    from services.executor import prometheus
+
+    return prometheus.render("exec-1", {
+        "model": "llama-tiny", "num_layers": 4, "ready_layers": [0, 1], "running": 2,
+        "queued": 1, "kv_used": 10, "kv_total": 100, "tokens_per_s": 5.0, "busy_fraction": 0.5,
+        "model_assigned_s": 1.0, "host_copies": [], "host_budget_bytes": 1 << 20})
+
+
+async def test_grafana_dashboard_queries_only_metrics_the_router_and_executors_expose() -> None:
+    # (extended: executors are scraped too, so their metrics may appear on the dashboard)
     dashboard = json.loads((COMPOSE / "grafana" / "lscale-dashboard.json").read_text())
     datasource = load(COMPOSE / "grafana" / "provisioning" / "datasources" / "lscale.yml")
     (ds,) = datasource["datasources"]
     assert ds["url"] == "http://prometheus:9090"
     _, text = await router_metrics_text("/metrics")
-    exposed = exposed_metric_names(text)
+    exposed = exposed_metric_names(text) | exposed_metric_names(executor_metrics_text())
     titles = []
     for panel in dashboard["panels"]:
         titles.append(panel["title"])
@@ -250,8 +298,9 @@ async def test_grafana_dashboard_queries_only_metrics_the_router_exposes() -> No
         assert len(ref_ids) == len(set(ref_ids)) and ref_ids
         for target in panel["targets"]:
             for name in re.findall(r"\blscale_[a-z_]+", target["expr"]):
-                assert name in exposed, f"{panel['title']}: {name} is not exposed by the router"
-    wanted = ("Request rate", "Time to first token", "Queue depth", "Instances and pipelines")
+                assert name in exposed, f"{panel['title']}: {name} is exposed by no service"
+    wanted = ("Request rate", "Time to first token", "Queue depth", "Instances and pipelines",
+              "Executor batch", "Executor KV cache")
     for w in wanted:
         assert any(t.startswith(w) for t in titles), w
     ttft = next(p for p in dashboard["panels"] if p["title"].startswith("Time to first token"))

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shared.natsserver import NatsServer
+
 
 def lscale(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "services.cli.main", *args], cwd=cwd,
@@ -61,3 +63,16 @@ def test_up_status_sigterm_leaves_no_process(tmp_path: Path) -> None:
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_seed_waits_for_the_store_and_scaler_then_says_which_are_missing(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    # `lscale seed` (the compose cluster's one-shot) against a NATS with no services: a clear
+    # error naming what never answered, within its --wait, and no checkpoint written
+    started = time.monotonic()
+    result = lscale("seed", "--nats-url", nats_server.url, "--state-dir", str(tmp_path),
+                    "--wait", "1.5", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "not running after 1.5s: model_store, scaler" in result.stderr
+    assert time.monotonic() - started < 25
+    assert not (tmp_path / "checkpoints").exists()

@@ -274,3 +274,45 @@ async def test_docker_without_engine_is_unavailable() -> None:
             await prov.list()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_setting_lists_parse_and_bad_items_are_refused() -> None:
+    from services.scaler.provisioners import parse_pairs, parse_volumes
+
+    assert parse_pairs("s", "") == {}
+    assert parse_pairs("s", " A=1, B=x=y ,C=") == {"A": "1", "B": "x=y", "C": ""}
+    assert parse_volumes("v", "auth:/run/auth:ro, /srv/m:/m") == {
+        "auth": {"bind": "/run/auth", "mode": "ro"}, "/srv/m": {"bind": "/m", "mode": "rw"}}
+    for bad in ("A", "=1"):
+        with pytest.raises(ConfigError, match="NAME=VALUE"):
+            parse_pairs("s", bad)
+    for bad in ("auth", "auth:relative", "a:/b:rx", ":/b", "a:/b:ro:x"):
+        with pytest.raises(ConfigError, match="SOURCE:/TARGET"):
+            parse_volumes("v", bad)
+
+
+async def test_scaler_config_builds_the_docker_provisioner_with_env_volumes_labels(
+        dockerd: FakeDockerd) -> None:
+    # what docker-compose.provisioner.yml sets, down to the container the engine is asked for
+    from services.scaler.service import ScalerConfig, ScalerService
+    from shared.config import config_from
+
+    config = config_from(ScalerConfig, {}, {
+        "LSCALE_PROVISIONER": "docker", "LSCALE_PROVISIONER_IMAGE": "lscale:latest",
+        "LSCALE_PROVISIONER_NETWORK": "lscale-x", "LSCALE_NATS_URL": "nats://nats:4222",
+        "LSCALE_PROVISIONER_ENV": "LSCALE_NATS_USER=executor",
+        "LSCALE_PROVISIONER_VOLUMES": "proj_auth:/run/lscale-auth:ro",
+        "LSCALE_PROVISIONER_LABELS": "com.docker.compose.project=proj"})
+    prov = ScalerService(config)._build_provisioner()
+    assert isinstance(prov, DockerProvisioner)
+    prov._client = client_for(dockerd)
+    (eid,) = await prov.start(1)
+    (create,) = [r for r in dockerd.engine.requests if r.path == "/containers/create"]
+    env = dict(item.split("=", 1) for item in create.body["Env"])
+    assert env["LSCALE_DATA_HOST"] == "0.0.0.0" and env["LSCALE_NATS_USER"] == "executor"
+    assert env[EXECUTOR_ID_ENV] == eid and env["LSCALE_NATS_URL"] == "nats://nats:4222"
+    assert create.body["Labels"]["com.docker.compose.project"] == "proj"
+    assert create.body["HostConfig"]["Binds"] == ["proj_auth:/run/lscale-auth:ro"]
+    assert create.body["HostConfig"]["NetworkMode"] == "lscale-x"
+    with pytest.raises(ConfigError, match="provisioner_volumes"):
+        config_from(ScalerConfig, {}, {"LSCALE_PROVISIONER_VOLUMES": "nope"})
