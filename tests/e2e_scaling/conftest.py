@@ -35,6 +35,7 @@ from shared import subjects
 from shared.bus import Bus, Handle
 from shared.messages import DeploymentList, Event, MetricsSnapshot
 from shared.model.tiny import TinySpec, create_tiny
+from shared.natsauth import ADMIN, AUTH_DIR, AuthFiles, ClientAuth, read_env_file
 
 SEND_RATE_MBIT = 100.0
 # ~12.6 MB fp32 in 4 blocks: ~1 s of λPipe multicast at SEND_RATE_MBIT, a few ms of memcpy
@@ -149,8 +150,12 @@ class Watch:
         self._handles: list[Handle] = []
 
     @classmethod
-    async def connect(cls, url: str) -> Watch:
-        watch = cls(await Bus.connect(url, "e2e-scaling-watch"))
+    async def connect(cls, cluster: LocalCluster) -> Watch:
+        """Connect as the cluster's admin (``lscale up`` turns NATS auth on): the credentials
+        ``lscale up`` generated into its state directory, read the way any client reads them."""
+        env = read_env_file(AuthFiles(cluster.state_dir / AUTH_DIR).env_file(ADMIN))
+        auth = ClientAuth.from_env(env)
+        watch = cls(await Bus.connect(cluster.nats_url, "e2e-scaling-watch", auth=auth))
         for pattern in ("scale.>", "instance.>", "executor.>"):
             watch._handles.append(await watch.bus.subscribe(
                 subjects.event(pattern), watch._on_event, message_type=Event))

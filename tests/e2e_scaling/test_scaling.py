@@ -96,7 +96,7 @@ async def test_burst_scale_out_keep_alive_scale_to_zero_and_out_from_host_copies
                           target_concurrency=3.0, keep_alive_s=2.0)
     expected = policy_instances(spec, BURST)
     assert expected == 2  # 6 requests / 3 per instance, within max 3 (one executor stays free)
-    watch = await Watch.connect(cluster.nats_url)
+    watch = await Watch.connect(cluster)
     try:
         deploy(cluster, spec)
         await warm_router(cluster.http_url, spec.model)
@@ -192,7 +192,7 @@ async def test_scaler_sigkill_mid_burst_loses_no_request_and_assigns_no_executor
                           target_concurrency=2.0, keep_alive_s=30.0)
     expected = policy_instances(spec, BURST)
     assert expected == 3
-    watch = await Watch.connect(cluster.nats_url)
+    watch = await Watch.connect(cluster)
     try:
         deploy(cluster, spec)
         await warm_router(cluster.http_url, spec.model)
@@ -263,7 +263,7 @@ async def test_scaler_sigkill_at_first_assign_multicast_is_re_driven(
                           target_concurrency=2.0, keep_alive_s=30.0)
     expected = policy_instances(spec, BURST)
     assert expected == 3
-    watch = await Watch.connect(cluster.nats_url)
+    watch = await Watch.connect(cluster)
     killed: list[float] = []
     old_pid = cluster.service_pid("scaler")
 
