@@ -4,9 +4,12 @@ Pure functions over plain values (no I/O):
 
 * :func:`plan_scale_out` picks executors for ``n`` new instances and the sources of their
   weights. Executors that already hold a host-memory copy of the model load it locally (no
-  transfer). The others receive one multicast from the best tier that holds the model:
-  running instances' GPU copies first (a k-way multicast, k = number of such copies), then
-  executors' host-memory copies, then the store's host-memory cache, then the store's disk.
+  transfer). The others receive one multicast fed by *every* holder at once: running
+  instances' GPU copies, executors' host-memory copies and the store (its memory cache or
+  disk), each source feeding its own group with a rotated block order (k-way, k = number of
+  sources, at most one per receiver), so that more holders mean more distinct blocks early
+  and earlier execution pipelines (λScale §4). When there are more holders than receivers
+  the fastest tiers are kept: GPU, then host memory, then the store.
 * :func:`choose_instances_to_remove` picks the instances a scale-in removes: least loaded
   first, and among equals the newest (it has served least, and the older ones may be
   multicast sources right now).
@@ -88,8 +91,9 @@ class MulticastRequest:
     model: str
     sources: tuple[str, ...]
     receivers: tuple[str, ...]
-    source_tier: Tier
+    source_tier: Tier  # the fastest tier among the sources
     strategy: str = DEFAULT_STRATEGY
+    source_tiers: tuple[Tier, ...] = ()  # each source's tier (same order as ``sources``)
 
     @property
     def k(self) -> int:
@@ -169,37 +173,42 @@ def plan_multicast(
     strategy: str = DEFAULT_STRATEGY,
     max_sources: int | None = None,
 ) -> MulticastRequest:
-    """The multicast that fills ``receivers`` from the fastest tier holding the model (raises
-    :class:`PlanError` when nothing holds it). Scale-out uses it, and so does the re-drive of
-    receivers whose multicast was never started (a scaler killed in between)."""
+    """The multicast that fills ``receivers`` from every holder of the model, fastest tier
+    first (raises :class:`PlanError` when nothing holds it). Scale-out uses it, and so does the
+    re-drive of receivers whose multicast was never started (a scaler killed in between)."""
     chosen = tuple(dict.fromkeys(receivers))
     if not chosen:
         raise InvalidParameter("receivers: a multicast needs at least one", field="receivers")
-    # pull_from_store is the ServerlessLLM-style baseline: every new instance reads the
-    # checkpoint from the store, never from running instances or their host copies
-    tier, sources = _best_sources(holders, chosen, store_only=strategy == PULL_FROM_STORE)
-    # More pipelines than receivers would leave sources idle.
+    # pull_from_store is the naive baseline: every new instance reads the checkpoint from
+    # the store, never from running instances or their host copies
+    sources = _all_sources(holders, chosen, store_only=strategy == PULL_FROM_STORE)
+    # More pipelines than receivers would leave sources idle; the fastest are kept.
     k = min(len(sources), len(chosen), max_sources or len(sources))
-    return MulticastRequest(model=holders.model, sources=sources[:k], receivers=chosen,
-                            source_tier=tier, strategy=strategy)
+    kept = sources[:k]
+    return MulticastRequest(model=holders.model, sources=tuple(s for s, _ in kept),
+                            receivers=chosen, source_tier=kept[0][1], strategy=strategy,
+                            source_tiers=tuple(t for _, t in kept))
 
 
-def _best_sources(holders: Holders, receivers: tuple[str, ...], *, store_only: bool = False
-                  ) -> tuple[Tier, tuple[str, ...]]:
-    """The fastest tier holding the model, and its sources (never one of the receivers);
-    with ``store_only``, the store's tiers alone."""
+def _all_sources(holders: Holders, receivers: tuple[str, ...], *, store_only: bool = False
+                 ) -> list[tuple[str, Tier]]:
+    """Every holder of the model that is not a receiver, with its tier, fastest tier first
+    (the store once, at its best tier); with ``store_only``, the store alone."""
     candidates: tuple[tuple[Tier, tuple[str, ...]], ...] = (
         (Tier.GPU, () if store_only else holders.gpu),
         (Tier.HOST, () if store_only else holders.host),
         (Tier.STORE_MEMORY, (holders.store_id,) if holders.store_memory else ()),
         (Tier.STORE_DISK, (holders.store_id,) if holders.store_disk else ()),
     )
+    sources: dict[str, Tier] = {}
     for tier, ids in candidates:
-        sources = tuple(dict.fromkeys(s for s in ids if s not in receivers))
-        if sources:
-            return tier, sources
-    raise PlanError(f"no copy of model {holders.model!r} anywhere in the cluster",
-                    model=holders.model)
+        for source in ids:
+            if source not in receivers and source not in sources:
+                sources[source] = tier
+    if not sources:
+        raise PlanError(f"no copy of model {holders.model!r} anywhere in the cluster",
+                        model=holders.model)
+    return list(sources.items())
 
 
 # ------------------------------------------------------------------------------------------

@@ -40,9 +40,16 @@ SCALE_OUT = [
      Tier.STORE_MEMORY, 0),
     ("store disk as the last resort", 1, ["f1"], {"store_disk": True},
      [], [STORE_SOURCE_ID], ["f1"], Tier.STORE_DISK, 0),
-    ("gpu beats host beats store", 2, ["f1", "f2"],
+    # every holder feeds a group of its own (was: the best tier only, ["g1"])
+    ("every holder feeds a group, fastest tier first", 3, ["f1", "f2", "f3"],
      {"gpu": ("g1",), "host": ("h9",), "store_memory": True, "store_disk": True},
-     [], ["g1"], ["f1", "f2"], Tier.GPU, 0),
+     [], ["g1", "h9", STORE_SOURCE_ID], ["f1", "f2", "f3"], Tier.GPU, 0),
+    ("more holders than receivers keeps the fastest", 2, ["f1", "f2"],
+     {"gpu": ("g1",), "host": ("h9",), "store_memory": True, "store_disk": True},
+     [], ["g1", "h9"], ["f1", "f2"], Tier.GPU, 0),
+    ("host copies and the store together", 3, ["f1", "f2", "f3"],
+     {"host": ("h8", "h9"), "store_disk": True},
+     [], ["h8", "h9", STORE_SOURCE_ID], ["f1", "f2", "f3"], Tier.HOST, 0),
     ("not enough free executors", 4, ["f1", "f2"], {"gpu": ("g1",)},
      [], ["g1"], ["f1", "f2"], Tier.GPU, 2),
     ("nothing free", 2, [], {"gpu": ("g1",)}, [], None, None, None, 2),
@@ -132,8 +139,15 @@ def test_scale_out_properties(n: int, free: list[str], gpu: list[str], host: lis
         assert len([e for e in chosen if e in host]) == min(n, len(free_host))
         assert not set(plan.multicast.sources) & set(plan.multicast.receivers)
         assert 1 <= plan.multicast.k <= len(plan.multicast.receivers)
-        expected_tier = Tier.GPU if gpu else Tier.HOST if host else Tier.STORE_DISK
-        assert plan.multicast.source_tier is expected_tier
+        receivers = set(plan.multicast.receivers)
+        # every holder that is not a receiver, fastest tier first, the store last
+        holders_in_order = ([(g, Tier.GPU) for g in gpu if g not in receivers]
+                            + [(h, Tier.HOST) for h in host if h not in receivers]
+                            + [(STORE_SOURCE_ID, Tier.STORE_DISK)])
+        k = min(len(holders_in_order), len(receivers))
+        assert list(zip(plan.multicast.sources, plan.multicast.source_tiers,
+                        strict=True)) == holders_in_order[:k]
+        assert plan.multicast.source_tier is plan.multicast.source_tiers[0]
 
 
 # --- scale-in -----------------------------------------------------------------------------

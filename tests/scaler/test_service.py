@@ -446,8 +446,9 @@ async def test_sources_come_in_tier_order(cluster: Cluster) -> None:
     cluster.router.queued = {"m": 3}
     await wait_until(lambda: cluster.transfer.requests, what="a multicast")
     request = cluster.transfer.requests[0]
-    # A running instance's GPU copy beats the store.
-    assert request["sources"] == ["e0"] and request["source_tier"] == "gpu"
+    # Every holder feeds a group, fastest tier first: the running instance's GPU copy, then
+    # the store (rewritten for multicast-from-every-holder: was the GPU copy alone).
+    assert request["sources"] == ["e0", "store"] and request["source_tier"] == "gpu"
     assert sorted(request["receivers"]) == ["e1", "e2"]
     assert cluster.kinds("scale.placement")[-1].reason == "gpu"
 
