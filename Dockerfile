@@ -115,6 +115,9 @@ RUN if ! command -v python3 >/dev/null || [ "${WITH_RDMA}" = "1" ]; then \
     && useradd --system --uid 10001 --gid lscale --create-home --home-dir /home/lscale \
         --shell /usr/sbin/nologin lscale \
     && mkdir -p /data/lscale/models /data/lscale/checkpoints /data/lscale/nats \
+        /data/lscale/nats-auth /data/lscale/auth \
+    && for identity in admin dashboard router scaler model_store transfer executor; do \
+        mkdir -p "/data/lscale/exports/${identity}"; done \
     && chown -R lscale:lscale /data/lscale
 
 # the venv was built on the same BASE, so its interpreter links resolve here too

@@ -11,7 +11,7 @@ EXECUTORS ?= 2
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck bench clean venv image compose-smoke
+.PHONY: run test lint typecheck bench clean venv image compose-smoke compose-two-hosts
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ image:
 # kill an executor and see it replaced, down -v leaves nothing (tests/deploy, marker docker).
 compose-smoke: $(STAMP)
 	LSCALE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -m docker -s -p no:cacheprovider tests/deploy/test_compose_up.py
+
+# Two compose projects on this machine: the cluster, and an executors-only "host" joining it;
+# the second host's executors receive the model by multicast and serve (events printed).
+compose-two-hosts: $(STAMP)
+	LSCALE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -m docker -s -p no:cacheprovider tests/deploy/test_two_hosts.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

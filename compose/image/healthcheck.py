@@ -9,7 +9,9 @@ orchestrator: the process is up, connected to NATS, set up, and not draining.
   container (``-m services.<kind>``, found under /proc);
 - the instance is ``--id``, ``LSCALE_INSTANCE_ID`` or ``LSCALE_EXECUTOR_ID``; without them,
   the runtime's default id (``<hostname>-<random>``) is matched by this container's hostname;
-- ``--http URL`` additionally requires an HTTP 200 from URL (the router's ``/health``).
+- ``--http URL`` additionally requires an HTTP 200 from URL (the router's ``/health``);
+- it connects with the service's own NATS credentials (``LSCALE_NATS_USER`` and
+  ``_PASSWORD_FILE`` ..., shared.natsauth): pings are within every identity's permissions.
 
 Exit status 0 when healthy, 1 otherwise (the reason on stderr). Every wait has a timeout.
 """
@@ -61,13 +63,16 @@ async def ping(nats_url: str, kind: str, instance_id: str | None, hostname: str,
         pass
 
     try:
+        auth = client_auth_options()
         # one retry, briefly: nats-py's allow_reconnect=False retries the first connect forever
         nc = await asyncio.wait_for(
             nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=1,
-                         reconnect_time_wait=0.1, error_cb=quiet),
+                         reconnect_time_wait=0.1, error_cb=quiet, **auth),
             timeout * 2)
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         return False, f"cannot connect to NATS at {nats_url}: {exc or type(exc).__name__}"
+    except Exception as exc:  # a bad credentials setting: unhealthy, with the reason
+        return False, f"NATS credentials: {exc}"
     found = asyncio.Event()
     seen: list[str] = []
     verdict: dict[str, Any] = {}
@@ -99,6 +104,17 @@ async def ping(nats_url: str, kind: str, instance_id: str | None, hostname: str,
     if state != "running":
         return False, f"{kind} {verdict.get('id')} is {state}"
     return True, f"{kind} {verdict.get('id')} is running"
+
+
+def client_auth_options() -> dict[str, Any]:
+    """This container's NATS credentials (its service's LSCALE_NATS_* variables), as
+    ``nats.connect`` options; none when the package is absent or nothing is set."""
+    try:
+        from shared.natsauth import ClientAuth
+    except ImportError:  # the script outside the image, without λScale installed
+        return {}
+    options: dict[str, Any] = ClientAuth.from_env().connect_options()
+    return options
 
 
 def check_http(url: str, timeout: float) -> tuple[bool, str]:

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "services.cli.deploy_cmd",  # deploy, undeploy
     "services.cli.emu_cmd",  # emu
     "services.cli.top_cmd",  # top
+    "services.cli.auth_cmd",  # auth init
 )
 
 

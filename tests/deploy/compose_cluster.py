@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,8 +95,10 @@ def lscale(*args: str, env: dict[str, str] | None = None,
     """This checkout's ``lscale`` CLI on this machine (outside the containers)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("LSCALE_")}
     full.update(env or {})
-    return subprocess.run([str(VENV_BIN / "lscale"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=full)
+    # in an empty folder: no `lscale up` record or credentials of this checkout apply
+    with tempfile.TemporaryDirectory(prefix="lscale-cli-") as cwd:
+        return subprocess.run([str(VENV_BIN / "lscale"), *args], capture_output=True,
+                              text=True, timeout=timeout, env=full, cwd=cwd)
 
 
 @dataclass
@@ -134,6 +137,19 @@ class ComposeProject:
         out = subprocess.run(["docker", "ps", "-q", *(["-a"] if all_states else []), *filters],
                              capture_output=True, text=True, timeout=30, check=True).stdout
         return out.split()
+
+    def credentials(self, identity: str) -> dict[str, str]:
+        """An identity's ``LSCALE_NATS_*`` variables, as the `nats-auth` one-shot wrote them
+        (what a user copies out to run the CLI on this machine)."""
+        result = self.run("run", "--rm", "--no-deps", "-T", "--entrypoint", "cat", "nats-auth",
+                          f"/data/lscale/exports/{identity}/{identity}.env", timeout=120)
+        values = {}
+        for line in result.stdout.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.startswith("LSCALE_NATS_"):
+                values[key] = value
+        assert values.get("LSCALE_NATS_USER") == identity, result.stdout
+        return values
 
     def logs(self, tail: int = 60) -> str:
         result = self.run("logs", "--no-color", "--tail", str(tail), check=False, timeout=60)

@@ -4,6 +4,7 @@ service modules, ports are unique, and the monitoring files match what the route
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,8 +24,10 @@ BASE = COMPOSE / "docker-compose.yml"
 OVERRIDES = [COMPOSE / "docker-compose.gpu.yml", COMPOSE / "docker-compose.provisioner.yml"]
 SERVICE_KINDS = {"router", "scaler", "model_store", "transfer", "executor"}
 MONITORING = {"prometheus", "grafana"}
-# also the λScale image: NATS (its nats-server, so no registry is needed) and the one-shot seed
-ONE_IMAGE_EXTRAS = {"nats", "seed"}
+# also the λScale image: NATS (its nats-server, so no registry is needed) and the one-shots
+# that generate the NATS credentials and seed the default model
+ONE_SHOTS = {"nats-auth", "seed"}
+ONE_IMAGE_EXTRAS = {"nats", *ONE_SHOTS}
 # settings the env file sets ahead of the router's own config class (`lscale up` passes
 # LSCALE_HTTP_PORT already); anything else must be a real setting
 PENDING_SETTINGS = {"http_host", "http_port"}
@@ -123,7 +126,8 @@ def test_references_resolve() -> None:
 
 def test_every_service_restarts_and_has_a_health_check() -> None:
     for name, svc in load(BASE)["services"].items():
-        if name == "seed":  # one-shot: it runs to completion once
+        if name in ONE_SHOTS:  # they run to completion once
+            assert svc["restart"] == "no", name
             continue
         assert svc.get("restart") in ("unless-stopped", "always", "on-failure"), name
         test = svc.get("healthcheck", {}).get("test")
@@ -133,6 +137,44 @@ def test_every_service_restarts_and_has_a_health_check() -> None:
             continue
         assert svc["healthcheck"]["test"][:2] == ["CMD", "lscale-healthcheck"], name
         assert svc["depends_on"]["nats"]["condition"] == "service_healthy", name
+
+
+def test_every_service_connects_as_its_own_identity_with_only_its_own_password() -> None:
+    from shared.natsauth import IDENTITIES
+
+    services = load(BASE)["services"]
+    auth = services["nats-auth"]
+    command = auth["command"]
+    exported = dict(command[i + 1].split("=", 1) for i, arg in enumerate(command)
+                    if arg == "--export")
+    assert set(exported) == set(IDENTITIES)
+    volume_of = {short_volume(v)[1]: short_volume(v)[0] for v in auth["volumes"]}
+    identity_volume = {identity: volume_of[path] for identity, path in exported.items()}
+    assert len(set(identity_volume.values())) == len(IDENTITIES)  # one volume each
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        if name in MONITORING or name in {"nats", "nats-auth"}:
+            assert "LSCALE_NATS_USER" not in env, name
+            continue
+        identity = env["LSCALE_NATS_USER"]
+        assert identity == ("admin" if name == "seed" else name), name
+        mounted = {short_volume(v)[0] for v in svc["volumes"]}
+        others = set(identity_volume.values()) - {identity_volume[identity]}
+        assert identity_volume[identity] in mounted and not mounted & others, name
+        assert "nats-auth" not in mounted, f"{name} must not see every password"
+        directory = env["LSCALE_NATS_PASSWORD_FILE"].rsplit("/", 1)[0]
+        assert any(v.startswith(f"{identity_volume[identity]}:{directory}:ro")
+                   for v in svc["volumes"]), name
+    # the server includes the generated users, from the volume the one-shot wrote
+    nats = services["nats"]
+    assert nats["depends_on"]["nats-auth"]["condition"] == "service_completed_successfully"
+    conf = (COMPOSE / "nats" / "nats.conf").read_text()
+    include = re.search(r'include "([^"]+)"', conf)
+    assert include
+    mounts = {short_volume(v)[1]: short_volume(v)[0] for v in nats["volumes"]}
+    conf_dir = nats["command"][1].rsplit("/", 1)[0]
+    auth_dir = f"{conf_dir}/{include.group(1).rsplit('/', 1)[0]}"
+    assert mounts[auth_dir] == "nats-auth"
 
 
 def test_monitoring_is_an_optional_profile() -> None:
@@ -345,3 +387,25 @@ def test_compose_cli_accepts_the_files(extra: list[str], tmp_path: Path) -> None
     bad = subprocess.run([*cli, "-f", "docker-compose.yml", "-f", str(broken), "config", "-q"],
                          cwd=COMPOSE, capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0
+
+
+@pytest.mark.skipif(compose_cli() is None,
+                    reason="neither `docker compose` nor `docker-compose` is installed")
+def test_executors_only_host_needs_the_cluster_url_and_credentials(tmp_path: Path) -> None:
+    cli = compose_cli()
+    assert cli is not None
+    command = [*cli, "-f", "docker-compose.executors.yml", "config", "-q"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSCALE_")}
+    given = {"LSCALE_NATS_URL": "nats://cluster:4222", "LSCALE_EXECUTOR_CREDENTIALS": str(tmp_path)}
+    ok = subprocess.run(command, cwd=COMPOSE, capture_output=True, text=True, timeout=60,
+                        env={**env, **given})
+    assert ok.returncode == 0, ok.stderr
+    for missing in given:  # either one absent: refused, naming what to set
+        rest = {k: v for k, v in given.items() if k != missing}
+        refused = subprocess.run(command, cwd=COMPOSE, capture_output=True, text=True,
+                                 timeout=60, env={**env, **rest})
+        assert refused.returncode != 0 and missing in refused.stderr, refused.stderr
+    executor = load(COMPOSE / "docker-compose.executors.yml")["services"]["executor"]
+    assert executor["environment"]["LSCALE_NATS_USER"] == "executor"
+    assert executor["environment"]["LSCALE_DATA_HOST"] == "0.0.0.0"
+    assert executor["labels"][LABEL_ROLE] == "executor"

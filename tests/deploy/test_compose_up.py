@@ -77,6 +77,18 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
         first_s = time.monotonic() - up_at
         print(f"compose-smoke: up -> first served completion: {first_s:.1f}s ({text!r})")
 
+        # --- NATS auth is on: no credentials, no cluster; each CLI use has its identity ------
+        anonymous = lscale("status", "--json", "--nats-url", nats_url, "--window", "0.5")
+        assert anonymous.returncode != 0, anonymous.stdout
+        server_log = project.run("logs", "--no-color", "nats").stdout
+        # the server refused it for its credentials (the client is told "Authorization
+        # Violation"), not for being unreachable
+        assert "authentication error" in server_log, server_log[-2000:]
+        admin = project.credentials("admin")
+        dashboard = project.credentials("dashboard")
+        print(f"compose-smoke: NATS refuses a client without credentials "
+              f"({anonymous.stderr.strip().splitlines()[-1][:100]})")
+
         # --- the OpenAI API through the published port ---------------------------------------
         client = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60, max_retries=0)
         assert MODEL in {m.id for m in client.models.list().data}
@@ -96,7 +108,8 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
               f"{len(chunks)} chunks {''.join(pieces)!r}")
 
         # --- lscale top against the compose NATS --------------------------------------------
-        top = lscale("top", "--once", "--json", "--window", "3", "--nats-url", nats_url)
+        top = lscale("top", "--once", "--json", "--window", "3", "--nats-url", nats_url,
+                     env=dashboard)
         assert top.returncode == 0, top.stderr
         view = json.loads(top.stdout)
         assert view["services"].get("router", 0) >= 1 and view["services"].get("executor") == 2
@@ -107,7 +120,7 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
         # --- scale executors to 3, and see them in lscale status ----------------------------
         project.run("up", "-d", "--no-recreate", "--scale", "executor=3", timeout=300)
         def three_running() -> list[dict[str, object]] | None:
-            running = status_executors(nats_url)
+            running = status_executors(nats_url, admin)
             return running if len(running) == 3 else None
 
         three = wait_for("3 executors in lscale status", three_running, timeout=240,
@@ -133,7 +146,7 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
                            capture_output=True, timeout=60)
 
         def replaced() -> list[dict[str, object]] | None:
-            now = status_executors(nats_url)
+            now = status_executors(nats_url, admin)
             ids = {str(e["id"]) for e in now}
             return now if len(now) == 3 and killed not in ids else None
 
