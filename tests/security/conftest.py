@@ -15,8 +15,6 @@ from nats.aio.client import Client as NatsClient
 from shared.natsauth import AuthFiles, ClusterCredentials, ensure_cluster_auth
 from shared.natsserver import NatsServer
 
-pytest_plugins = ["tests.e2e.conftest"]
-
 
 @dataclass
 class SecureServer:
