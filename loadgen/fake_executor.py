@@ -29,6 +29,7 @@ from typing import Any
 from shared import subjects
 from shared.bus import Bus, Handle
 from shared.errors import LayersNotReady, ModelNotFound
+from shared.kv import bucket, kv_delete, kv_put
 from shared.messages import Ack, CancelRequest, InferRequest, LayerReadiness, TokenChunk
 from shared.model.config import ModelConfig
 from shared.model.tiny import TinySpec
@@ -190,6 +191,9 @@ def make_fake_model(directory: Path, name: str = "tiny", num_layers: int = 4,
 
 @dataclass
 class FakeModelStore:
+    """The store's requests, and its registry bucket (``KV_MODELS``), which the router's
+    catalog watches, as the real store keeps them."""
+
     url: str
     models: dict[str, FakeModel]
     _bus: Bus | None = None
@@ -199,11 +203,23 @@ class FakeModelStore:
         await self._bus.serve(subjects.STORE_LIST, self._list)
         await self._bus.serve(subjects.STORE_GET, self._get)
         await self._bus.serve(subjects.STORE_HF_FILES, self._files)
+        registry = await bucket(self._bus, subjects.KV_MODELS)
+        for name in sorted(self.models):
+            await kv_put(registry, name, self._record(self.models[name]))
         return self
 
     async def stop(self) -> None:
         if self._bus is not None:
+            with contextlib.suppress(Exception):
+                registry = await bucket(self._bus, subjects.KV_MODELS)
+                for name in sorted(self.models):
+                    await kv_delete(registry, name)
             await self._bus.close()
+
+    @staticmethod
+    def _record(model: FakeModel) -> dict[str, Any]:
+        return {"name": model.name, "config": model.config.to_dict(), "blocks": [],
+                "tensors": []}
 
     def _model(self, body: Any) -> FakeModel:
         name = body.get("name") if isinstance(body, dict) else None
@@ -215,9 +231,7 @@ class FakeModelStore:
         return [{"name": n} for n in sorted(self.models)]
 
     async def _get(self, body: Any, _msg: Any) -> dict[str, Any]:
-        model = self._model(body)
-        return {"name": model.name, "config": model.config.to_dict(), "blocks": [],
-                "tensors": []}
+        return self._record(self._model(body))
 
     async def _files(self, body: Any, _msg: Any) -> dict[str, Any]:
         return {"files": self._model(body).files}

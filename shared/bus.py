@@ -120,6 +120,22 @@ EventHandler = Callable[[Any, Msg], Awaitable[None]]
 
 
 @dataclass
+class LinkState:
+    """The connection as its owner sees it: up or down, since when (monotonic), and who to
+    tell when it comes back. Silence from peers while our own link was down says nothing
+    about them: services measure it from ``since`` once the link is up again."""
+
+    connected: bool = True
+    since: float = field(default_factory=time.monotonic)
+    reconnects: int = 0
+    on_reconnect: list[Callable[[], None]] = field(default_factory=list)
+
+    def down_for(self, now: float | None = None) -> float:
+        """Seconds the link has been down (0 while it is up)."""
+        return 0.0 if self.connected else (now or time.monotonic()) - self.since
+
+
+@dataclass
 class Handle:
     subject: str
     queue: str
@@ -140,6 +156,7 @@ class Bus:
         self._retired_tasks: set[asyncio.Task[None]] = set()
         # the server's "Permissions Violation" errors on this connection, newest last
         self.permission_violations: deque[str] = deque(maxlen=_KEEP_REFUSALS)
+        self.link = LinkState()
 
     @classmethod
     async def connect(
@@ -167,6 +184,7 @@ class Bus:
         closing = {"yes": False}  # set by close()/drain(): a deliberate disconnect is not news
         refusals: deque[str] = deque(maxlen=_KEEP_REFUSALS)
         auth = ClientAuth.from_env() if auth is None else auth
+        link = LinkState()
 
         async def on_error(exc: Exception) -> None:
             text = str(exc)
@@ -179,11 +197,22 @@ class Bus:
             log.warning("nats error", error=text, connection=name)
 
         async def on_disconnect() -> None:
+            if link.connected:
+                link.connected, link.since = False, time.monotonic()
             if not closing["yes"]:
                 log.warning("nats disconnected", connection=name)
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", connection=name)
+            now = time.monotonic()
+            down_s = round(now - link.since, 3) if not link.connected else 0.0
+            link.connected, link.since = True, now
+            link.reconnects += 1
+            log.info("nats reconnected", connection=name, down_s=down_s)
+            for listener in list(link.on_reconnect):
+                try:
+                    listener()
+                except Exception:  # one listener's bug must not keep the others uninformed
+                    log.exception("reconnect listener failed", connection=name)
 
         try:
             nc = await nats.connect(
@@ -204,6 +233,7 @@ class Bus:
         bus = cls(nc, name)
         bus._closing = closing
         bus.permission_violations = refusals
+        bus.link = link
         return bus
 
     # --- sending ------------------------------------------------------------------------

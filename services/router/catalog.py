@@ -1,28 +1,39 @@
 """What the router knows about models: names, layer counts, context lengths and tokenizers.
 
-The facts come from the model store (``STORE_LIST``, ``STORE_GET``, ``STORE_HF_FILES``) and the
-scaler's deployments (``SCALER_LIST``); each call sits behind one small method so that a change
-in those services' replies touches one place. Every request has a timeout, and a store that
-does not answer is a :class:`~shared.errors.Unavailable` (503), never a hang.
+Pushed, not polled
+    The facts live in two JetStream key-value buckets, and the catalog keeps a live mirror of
+    each (:class:`~shared.kv_mirror.KvMirror`, one watcher apiece): the model store's registry
+    (``KV_MODELS``: model name -> manifest with its config) and the scaler's deployments
+    (``KV_DEPLOYMENTS``: ``deployment.<name>`` -> spec naming the model). Every change arrives
+    as it happens; nothing is cached with a lifetime, so a removed-then-re-added name is
+    served from its new entry the moment the bucket says so.
 
-Caching
-    The model list is served from a cache and refreshed in the background once it is older than
-    ``ttl_s`` (stale-while-revalidate), because the HTTP app looks the model up on every request
-    and a store round trip there would be pure router overhead. Only the very first call (no
-    cache yet) waits for the store, and a name missing from a list older than
-    ``MISS_RECHECK_S`` (a model deployed a moment ago) waits for one refresh before its 404.
-    A store that stops answering leaves the last good list in place. Manifests are fetched
-    once per model name; tokenizers are built once per model.
+    A name missing from the mirrors may have been written a moment ago (``lscale deploy``
+    returned, the watcher has not delivered it yet): the catalog then waits until both mirrors
+    have applied every write their buckets hold (:meth:`KvMirror.catch_up`, bounded by
+    ``fail_fast_s``) and looks again, so a model is served on the first request after the
+    deploy that named it returns.
 
 Which models are servable
-    Models the store holds that are deployed (a deployment names the model). When no scaler
-    answers (a development cluster, tests), every model in the store is servable.
+    Models the store holds that are deployed (a deployment names the model). When the
+    deployments bucket is empty and no scaler answers (a development cluster, tests), every
+    model in the store is servable. Not servable, and the reason is a 503 with the reason
+    (a model the store has but nothing deploys; a deployment whose model the store lacks), or
+    a 404 for a name nobody knows.
+
+Tokenizers
+    Built once per model entry (a re-added model with new files gets a new one), from the
+    store's files (``STORE_HF_FILES``), as soon as a model becomes servable rather than on
+    its first request. ``transformers`` is imported once, under a lock, before any worker
+    thread builds a tokenizer: its lazy module imports are not safe when several threads
+    trigger them at once (seen as ``ImportError: cannot import name 'AutoTokenizer'``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,12 +45,16 @@ import structlog
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import (
+    BusError,
     CheckpointError,
+    LScaleError,
     ModelNotFound,
     NoResponders,
     RequestTimeout,
     Unavailable,
 )
+from shared.kv import bucket
+from shared.kv_mirror import KvMirror
 from shared.model.config import ModelConfig
 
 log = structlog.get_logger("router.catalog")
@@ -49,9 +64,7 @@ TOKENIZER_FILES = (
     "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json",
 )
-
-
-MISS_RECHECK_S = 0.1  # a name missing from a list older than this triggers one refresh
+DEPLOYMENT_PREFIX = "deployment."
 
 
 @dataclass(frozen=True)
@@ -63,6 +76,26 @@ class CatalogEntry:
     created: int = 0
 
 
+def entry_from_manifest(name: str, manifest: Any) -> CatalogEntry:
+    """A catalog entry from a registry record or a ``STORE_GET`` reply (CheckpointError)."""
+    if isinstance(manifest, dict) and isinstance(manifest.get("manifest"), dict):
+        manifest = manifest["manifest"]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise CheckpointError(f"the manifest of {name!r} has no model config")
+    try:
+        config = ModelConfig.from_dict(dict(manifest["config"]))
+    except (TypeError, ValueError, LScaleError) as exc:
+        raise CheckpointError(f"the manifest of {name!r} has a bad config: {exc}") from exc
+    created = manifest.get("created", 0)
+    return CatalogEntry(
+        name=name,
+        num_layers=config.num_layers,
+        max_context=config.max_position_embeddings,
+        eos_token_ids=tuple(config.eos_token_ids),
+        created=int(created) if isinstance(created, int | float) else 0,
+    )
+
+
 class ModelCatalog:
     def __init__(
         self,
@@ -70,120 +103,227 @@ class ModelCatalog:
         *,
         timeout_s: float = 5.0,
         ttl_s: float = 2.0,
+        fail_fast_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._bus = bus
         self._timeout = timeout_s
-        self._ttl = ttl_s
+        self._scaler_ttl = ttl_s  # how long "no scaler answers" is trusted
+        self._fail_fast = fail_fast_s
         self._clock = clock
-        self._entries: dict[str, CatalogEntry] | None = None
-        self._fetched_at = 0.0
-        self._manifests: dict[str, CatalogEntry] = {}
-        self._refresh: asyncio.Task[dict[str, CatalogEntry]] | None = None
-        self._tokenizers: dict[str, asyncio.Task[Any]] = {}
+        self._models: KvMirror | None = None
+        self._deployments: KvMirror | None = None
+        self._store: dict[str, CatalogEntry] = {}  # parsed registry entries
+        self._tokenizers: dict[str, tuple[CatalogEntry, asyncio.Task[Any]]] = {}
+        self._scaler_seen: tuple[float, bool] | None = None  # (when asked, a scaler answered)
+        self._start_error = ""
+        self._warm: asyncio.Task[Any] | None = None
+        self._opener: asyncio.Task[None] | None = None
 
-    # --- public --------------------------------------------------------------------------
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open both buckets and mirror them; a JetStream that is not there yet is retried in
+        the background (requests get a 503 saying so meanwhile)."""
+        self._warm = asyncio.ensure_future(asyncio.to_thread(tokenizer_classes))
+        try:
+            await self._open()
+        except LScaleError as exc:
+            self._start_error = str(exc)
+            log.warning("model catalog not available yet; retrying", error=str(exc))
+            self._opener = asyncio.ensure_future(self._open_later())
+
+    async def _open(self) -> None:
+        models_kv = await bucket(self._bus, subjects.KV_MODELS)
+        deployments_kv = await bucket(self._bus, subjects.KV_DEPLOYMENTS)
+        models = KvMirror(models_kv, subjects.KV_MODELS, on_change=self._on_model)
+        deployments = KvMirror(deployments_kv, subjects.KV_DEPLOYMENTS,
+                               on_change=self._on_deployment)
+        await models.start()
+        await deployments.start()
+        self._models, self._deployments = models, deployments
+        self._start_error = ""
+        for name, value in list(models.values.items()):
+            self._on_model(name, value)
+        self._prefetch_servable()
+
+    async def _open_later(self) -> None:
+        while self._models is None:
+            await asyncio.sleep(0.5)
+            try:
+                await self._open()
+            except LScaleError as exc:
+                self._start_error = str(exc)
+
+    def resync(self) -> None:
+        """After a reconnect: the watchers' consumers may have died with the server."""
+        for mirror in (self._models, self._deployments):
+            if mirror is not None:
+                mirror.resync()
+
+    async def aclose(self) -> None:
+        if self._opener is not None:
+            self._opener.cancel()
+        for mirror in (self._models, self._deployments):
+            if mirror is not None:
+                await mirror.stop()
+        for _, task in self._tokenizers.values():
+            if not task.done():
+                task.cancel()
+        if self._warm is not None and not self._warm.done():
+            self._warm.cancel()
+
+    @property
+    def synced(self) -> bool:
+        return bool(self._models and self._models.synced and self._deployments
+                    and self._deployments.synced)
+
+    # --- public ----------------------------------------------------------------------------
 
     async def models(self) -> Mapping[str, CatalogEntry]:
-        """Servable models (see the module docstring for caching)."""
-        if self._entries is None:
-            return await self._refreshed()
-        if self._clock() - self._fetched_at > self._ttl and self._refresh is None:
-            self._start_refresh()
-        return self._entries
+        """Servable models, from the mirrors (no request on this path but, with no deployment
+        at all, one cached look for a scaler)."""
+        self._require_mirrors()
+        deployed = await self._deployed()
+        return {n: e for n, e in self._store.items() if deployed is None or n in deployed}
 
     async def entry(self, name: str) -> CatalogEntry:
         entry = (await self.models()).get(name)
-        if entry is None and self._clock() - self._fetched_at > MISS_RECHECK_S:
-            # A model deployed since the list was fetched is not in the cached list yet: one
-            # fresh look before a 404 (shared by concurrent misses, and at most once per
-            # MISS_RECHECK_S, so requests for unknown names cannot flood the store).
-            try:
-                entry = (await self._refreshed()).get(name)
-            except Unavailable:
-                entry = None
         if entry is None:
-            raise ModelNotFound(f"the model {name!r} does not exist", param="model")
-        return entry
+            await self._catch_up()
+            entry = (await self.models()).get(name)
+        if entry is not None:
+            return entry
+        raise self._why_not(name, await self._deployed() or set())
+
+    def unservable(self, name: str) -> LScaleError | None:
+        """Why ``name`` cannot be served now, from the mirrors alone (no request); None when
+        it can (or when only a scaler look-up could tell). For requests queued for a model
+        whose deployment or checkpoint went away meanwhile."""
+        if not self.synced:
+            return None
+        deployed = self._deployed_names()
+        if name in self._store and (deployed is None or name in deployed):
+            return None
+        if deployed is None:
+            return None if name in self._store else self._why_not(name, set())
+        return self._why_not(name, deployed)
+
+    def _why_not(self, name: str, deployed: set[str]) -> LScaleError:
+        if name in self._store:
+            return Unavailable(f"the model {name!r} is in the model store but not deployed "
+                               f"(`lscale deploy {name}`)")
+        if name in deployed:
+            return Unavailable(f"the model {name!r} is deployed but the model store does not "
+                               f"hold it (`lscale model add {name} DIR`)")
+        return ModelNotFound(f"the model {name!r} does not exist", param="model")
 
     async def tokenizer(self, name: str) -> Any:
-        """The model's tokenizer, built once from the store's files (ModelNotFound)."""
-        await self.entry(name)
-        task = self._tokenizers.get(name)
-        if task is None or (task.done() and task.exception() is not None):
-            task = asyncio.ensure_future(self._load_tokenizer(name))
-            self._tokenizers[name] = task
+        """The model's tokenizer, built once per entry from the store's files."""
+        entry = await self.entry(name)
+        known = self._tokenizers.get(name)
+        if known is None or known[0] != entry or (known[1].done() and (
+                known[1].cancelled() or known[1].exception() is not None)):
+            known = (entry, asyncio.ensure_future(self._load_tokenizer(name)))
+            self._tokenizers[name] = known
         # shield: one caller giving up must not cancel the load others wait for
-        return await asyncio.shield(task)
+        return await asyncio.shield(known[1])
 
-    def close(self) -> None:
-        for task in (self._refresh, *self._tokenizers.values()):
-            if task is not None and not task.done():
-                task.cancel()
+    def readiness(self) -> dict[str, str]:
+        """Problems that keep the catalog from answering (empty: ready)."""
+        if self.synced:
+            return {}
+        return {"deployments": self._start_error or "the key-value mirrors are not in yet"}
 
-    # --- refresh -------------------------------------------------------------------------
+    # --- the mirrors -----------------------------------------------------------------------
 
-    def _start_refresh(self) -> asyncio.Task[dict[str, CatalogEntry]]:
-        task = asyncio.ensure_future(self._fetch())
-        self._refresh = task
+    def _require_mirrors(self) -> None:
+        if self._models is None or self._deployments is None:
+            raise Unavailable(f"the model catalog is not available: {self._start_error or 'starting'}")
 
-        def done(t: asyncio.Task[dict[str, CatalogEntry]]) -> None:
-            self._refresh = None
-            if t.cancelled():
-                return
-            exc = t.exception()
-            if exc is not None:
-                log.warning("model list refresh failed; keeping the last one", error=str(exc))
-                self._fetched_at = self._clock()  # retry after another ttl, not at once
+    async def _catch_up(self) -> None:
+        mirrors = [m for m in (self._models, self._deployments) if m is not None]
+        await asyncio.gather(*(m.catch_up(self._fail_fast) for m in mirrors))
 
-        task.add_done_callback(done)
-        return task
+    def _deployed_names(self) -> set[str] | None:
+        """Models named by deployments; None when there is no deployment at all."""
+        if self._deployments is None:
+            return None
+        models: set[str] = set()
+        for key, spec in self._deployments.values.items():
+            if key.startswith(DEPLOYMENT_PREFIX) and isinstance(spec, dict) \
+                    and isinstance(spec.get("model"), str):
+                models.add(spec["model"])
+        return models or None
 
-    async def _refreshed(self) -> dict[str, CatalogEntry]:
-        task = self._refresh or self._start_refresh()
-        return await asyncio.shield(task)
+    async def _deployed(self) -> set[str] | None:
+        """The deployed models; None (everything servable) only when there is no deployment
+        and no scaler answers."""
+        names = self._deployed_names()
+        if names is not None:
+            return names
+        if not await self._scaler_present():
+            return None
+        return set()
 
-    async def _fetch(self) -> dict[str, CatalogEntry]:
-        names = await self._store_model_names()
-        deployed = await self._deployed_models()
-        if deployed is not None:
-            names = [n for n in names if n in deployed]
-        entries: dict[str, CatalogEntry] = {}
-        for name in names:
-            entry = self._manifests.get(name)
-            if entry is None:
-                try:
-                    entry = await self._manifest_entry(name)
-                except (ModelNotFound, CheckpointError) as exc:
-                    log.warning("skipping a model the store cannot describe", model=name,
-                                error=str(exc))
-                    continue
-                self._manifests[name] = entry
-            entries[name] = entry
-        for gone in set(self._manifests) - set(names):
-            del self._manifests[gone]
-            self._tokenizers.pop(gone, None)
-        self._entries = entries
-        self._fetched_at = self._clock()
-        for name in entries:
-            if name not in self._tokenizers:
-                self._prefetch_tokenizer(name)
-        return entries
+    async def _scaler_present(self) -> bool:
+        now = self._clock()
+        if self._scaler_seen is not None and now - self._scaler_seen[0] <= self._scaler_ttl:
+            return self._scaler_seen[1]
+        try:
+            await self._bus.request(subjects.SCALER_LIST, {}, timeout=self._fail_fast)
+            present = True
+        except (NoResponders, BusError):
+            present = False
+        except RequestTimeout:
+            present = True  # there, but slow: deployments are the rule
+        self._scaler_seen = (self._clock(), present)
+        return present
 
-    def _prefetch_tokenizer(self, name: str) -> None:
-        """Build a servable model's tokenizer now, not on its first request: building one
-        imports transformers (seconds on a busy CPU), which a cold start must not add to the
-        first requests' latency. A failure is logged; :meth:`tokenizer` tries again."""
-        task = asyncio.ensure_future(self._load_tokenizer(name))
-        self._tokenizers[name] = task
+    def _on_model(self, name: str, value: Any | None) -> None:
+        if value is None:
+            self._store.pop(name, None)
+            self._drop_tokenizer(name)
+            return
+        try:
+            entry = entry_from_manifest(name, value)
+        except CheckpointError as exc:
+            log.warning("skipping a model the store cannot describe", model=name, error=str(exc))
+            self._store.pop(name, None)
+            return
+        if self._store.get(name) != entry:
+            self._drop_tokenizer(name)
+        self._store[name] = entry
+        self._prefetch_servable()
 
-        def done(t: asyncio.Task[Any]) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.warning("tokenizer prefetch failed", model=name, error=str(t.exception()))
+    def _on_deployment(self, key: str, value: Any | None) -> None:
+        self._scaler_seen = None
+        self._prefetch_servable()
 
-        task.add_done_callback(done)
+    def _drop_tokenizer(self, name: str) -> None:
+        known = self._tokenizers.pop(name, None)
+        if known is not None and not known[1].done():
+            known[1].cancel()
 
-    # --- the calls -----------------------------------------------------------------------
+    def _prefetch_servable(self) -> None:
+        """Build servable models' tokenizers now, not on their first request."""
+        deployed = self._deployed_names()
+        for name, entry in self._store.items():
+            if deployed is not None and name not in deployed:
+                continue
+            known = self._tokenizers.get(name)
+            if known is not None and known[0] == entry:
+                continue
+            task = asyncio.ensure_future(self._load_tokenizer(name))
+            self._tokenizers[name] = (entry, task)
+
+            def done(t: asyncio.Task[Any], name: str = name) -> None:
+                if not t.cancelled() and t.exception() is not None:
+                    log.warning("tokenizer prefetch failed", model=name, error=str(t.exception()))
+
+            task.add_done_callback(done)
+
+    # --- the calls -------------------------------------------------------------------------
 
     async def _ask(self, subject: str, payload: Any, what: str) -> Any:
         try:
@@ -192,54 +332,6 @@ class ModelCatalog:
             raise Unavailable(f"{what}: no service answers {subject}") from exc
         except RequestTimeout as exc:
             raise Unavailable(f"{what}: no reply within {self._timeout:g} s") from exc
-
-    async def _store_model_names(self) -> list[str]:
-        reply = await self._ask(subjects.STORE_LIST, {}, "the model store cannot list models")
-        items = reply.get("models", []) if isinstance(reply, dict) else reply
-        if not isinstance(items, list):
-            raise Unavailable(f"the model store's list is not a list: {type(items).__name__}")
-        names: list[str] = []
-        for item in items:
-            name = item.get("name") if isinstance(item, dict) else item
-            if isinstance(name, str) and name:
-                names.append(name)
-        return names
-
-    async def _deployed_models(self) -> set[str] | None:
-        """Models named by deployments; None when no scaler answers."""
-        try:
-            reply = await self._bus.request(subjects.SCALER_LIST, {}, timeout=self._timeout)
-        except (NoResponders, RequestTimeout):
-            return None
-        items = reply.get("deployments", []) if isinstance(reply, dict) else reply
-        if not isinstance(items, list):
-            return None
-        models: set[str] = set()
-        for item in items:
-            # DeploymentStatus rows carry the DeploymentSpec under "spec"
-            spec = item.get("spec", item) if isinstance(item, dict) else None
-            if isinstance(spec, dict) and isinstance(spec.get("model"), str):
-                models.add(spec["model"])
-        return models
-
-    async def _manifest_entry(self, name: str) -> CatalogEntry:
-        reply = await self._ask(subjects.STORE_GET, {"name": name},
-                                f"the model store cannot describe {name!r}")
-        manifest = reply.get("manifest", reply) if isinstance(reply, dict) else None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-            raise CheckpointError(f"the manifest of {name!r} has no model config")
-        try:
-            config = ModelConfig.from_dict(dict(manifest["config"]))
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"the manifest of {name!r} has a bad config: {exc}") from exc
-        created = manifest.get("created", 0)
-        return CatalogEntry(
-            name=name,
-            num_layers=config.num_layers,
-            max_context=config.max_position_embeddings,
-            eos_token_ids=tuple(config.eos_token_ids),
-            created=int(created) if isinstance(created, int | float) else 0,
-        )
 
     async def _load_tokenizer(self, name: str) -> Any:
         reply = await self._ask(subjects.STORE_HF_FILES, {"name": name},
@@ -254,11 +346,27 @@ class ModelCatalog:
         return await asyncio.to_thread(_build_tokenizer, name, wanted)
 
 
+_IMPORT_LOCK = threading.Lock()
+_CLASSES: tuple[Any, Any] | None = None
+
+
+def tokenizer_classes() -> tuple[Any, Any]:
+    """``(AutoTokenizer, PreTrainedTokenizerFast)``, imported once under a lock: transformers
+    resolves these names lazily, and threads doing that at once can see a half-initialised
+    module."""
+    global _CLASSES
+    with _IMPORT_LOCK:
+        if _CLASSES is None:
+            from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+            _CLASSES = (AutoTokenizer, PreTrainedTokenizerFast)
+        return _CLASSES
+
+
 def _build_tokenizer(name: str, files: Mapping[str, bytes | str]) -> Any:
     # with a tokenizer.json, the fast tokenizer class directly: AutoTokenizer gives the same
     # tokenizer but imports torch first (seconds of CPU and hundreds of MB in the router)
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    auto_tokenizer, fast_tokenizer = tokenizer_classes()
     with tempfile.TemporaryDirectory(prefix="lscale-tok-") as tmp:
         for filename, data in files.items():
             path = Path(tmp) / filename
@@ -268,8 +376,8 @@ def _build_tokenizer(name: str, files: Mapping[str, bytes | str]) -> Any:
                 path.write_bytes(data)
         try:
             if "tokenizer.json" in files:
-                return PreTrainedTokenizerFast.from_pretrained(tmp)
-            return AutoTokenizer.from_pretrained(tmp)
+                return fast_tokenizer.from_pretrained(tmp)
+            return auto_tokenizer.from_pretrained(tmp)
         except Exception as exc:  # transformers raises many unrelated types for bad files
             raise CheckpointError(f"cannot build the tokenizer of {name!r}: "
                                   f"{type(exc).__name__}: {exc}") from exc

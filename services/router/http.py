@@ -350,6 +350,12 @@ def create_app(
     # --- models -----------------------------------------------------------------------------
 
     async def find_model(model: str) -> ModelInfo:
+        # a backend that can look one name up says why it is missing (not deployed: 503;
+        # unknown: 404) and sees a model deployed a moment ago
+        lookup = getattr(backend, "model_info", None)
+        if lookup is not None:
+            found: ModelInfo = await lookup(model)
+            return found
         for info in await backend.list_models():
             if info.model_id == model:
                 return info
@@ -373,7 +379,18 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, str]:
+        """Liveness: the process answers. Whether it can serve is ``/ready``."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: bus up, store reachable, deployments known (503 naming what is not)."""
+        check = getattr(backend, "readiness", None)
+        problems: dict[str, str] = await check() if check is not None else {}
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems},
+                                status_code=503)
+        return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics_text() -> PlainTextResponse:

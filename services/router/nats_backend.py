@@ -128,6 +128,7 @@ class BackendSettings:
     load_report_interval_s: float = 1.0
     max_reroutes: int = 3
     pipelines: bool = True
+    fail_fast_s: float = 1.0
 
     def policy(self) -> RoutingPolicy:
         return RoutingPolicy(
@@ -224,7 +225,8 @@ class NatsBackend:
         self.settings = settings or BackendSettings()
         self.table = RoutingTable(self.settings.policy())
         self.catalog = ModelCatalog(bus, timeout_s=self.settings.store_timeout_s,
-                                    ttl_s=self.settings.models_ttl_s)
+                                    ttl_s=self.settings.models_ttl_s,
+                                    fail_fast_s=self.settings.fail_fast_s)
         self._emit_fn = emit
         self._clock = clock
         self._tokens_prefix = subjects.router_tokens(router_id) + "."
@@ -241,6 +243,8 @@ class NatsBackend:
         self._cold_report_due = False  # a request queued for a model with no route at all
         self._cold_since = 0.0  # when it became due
         self._last_report = -math.inf
+        self._link_up_at = clock()  # silence of executors counts from here (our own outage)
+        self._ready_cache: tuple[float, dict[str, str]] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -253,6 +257,8 @@ class NatsBackend:
         self._handles.append(await self.bus.subscribe(
             subjects.metrics("executor", "*"), self._on_executor_metrics))
         self._loop_task = asyncio.create_task(self._housekeeping(), name="router-housekeeping")
+        self.bus.link.on_reconnect.append(self._on_reconnect)
+        await self.catalog.start()
 
     async def stop(self) -> None:
         """Fail what is still running (ShuttingDown), cancel it on the executors, unsubscribe."""
@@ -271,7 +277,7 @@ class NatsBackend:
                 await self._loop_task
         for task in list(self._side_tasks):
             task.cancel()
-        self.catalog.close()
+        await self.catalog.aclose()
 
     # --- RouterBackend: models -----------------------------------------------------------
 
@@ -279,6 +285,11 @@ class NatsBackend:
         entries = await self.catalog.models()
         return [ModelInfo(e.name, e.max_context, created=e.created)
                 for e in sorted(entries.values(), key=lambda e: e.name)]
+
+    async def model_info(self, model: str) -> ModelInfo:
+        """One model's card; ModelNotFound (404) or Unavailable (503, not deployed)."""
+        e = await self.catalog.entry(model)
+        return ModelInfo(e.name, e.max_context, created=e.created)
 
     async def tokenizer(self, model: str) -> Any:
         return await self.catalog.tokenizer(model)
@@ -294,6 +305,7 @@ class NatsBackend:
     ) -> AsyncIterator[TokenEvent]:
         if self._stopping:
             raise ShuttingDown(f"router {self.router_id} is shutting down")
+        await self._bus_up()
         entry = await self.catalog.entry(model)
         if model not in self.table.models():
             self._apply_sync([self.table.set_model(model, entry.num_layers)])
@@ -356,6 +368,67 @@ class NatsBackend:
                 outstanding=self.table.outstanding(model),
             )
         return out
+
+    # --- the bus, for fast failure ------------------------------------------------------
+
+    async def _bus_up(self) -> None:
+        """Wait up to ``fail_fast_s`` for a NATS connection that is down (a reconnect to
+        another cluster node takes milliseconds), then fail with a 503 that says why."""
+        link = self.bus.link
+        if link.connected:
+            return
+        deadline = self._clock() + self.settings.fail_fast_s
+        while not link.connected and self._clock() < deadline:
+            await asyncio.sleep(0.02)
+        if not link.connected:
+            raise self._outage_error("")
+
+    def _on_reconnect(self) -> None:
+        """Back on the bus after an outage: re-watch the buckets; token chunks sent to us
+        meanwhile are lost, so every running request continues elsewhere from the tokens we
+        have (re-prefill); executors' silence counts from now."""
+        self._link_up_at = self._clock()
+        self.catalog.resync()
+        for flight in list(self._flights.values()):
+            assignment = flight.assignment
+            if assignment is None or flight.waiting is not None:
+                continue
+            self._release(flight, tell_executors=True)
+            flight.attempt += 1  # drop what the old route may still send
+            flight.inbox.put_nowait(_Reroute("the router reconnected to NATS"))
+        self._wake.set()
+
+    def _fail_queued(self, why: Callable[[str], LScaleError | None]) -> None:
+        """Fail the requests waiting for a route whose model ``why`` gives a reason for."""
+        for flight in list(self._flights.values()):
+            if flight.waiting is None or flight.waiting.done():
+                continue
+            error = why(flight.model)
+            if error is not None:
+                self.table.cancel(flight.request_id)
+                flight.waiting.set_exception(error)
+
+    def _outage_error(self, _model: str) -> LScaleError:
+        return Unavailable(f"the control plane is unreachable: no NATS connection for "
+                           f"{self.bus.link.down_for():.1f} s")
+
+    async def readiness(self) -> dict[str, str]:
+        """What keeps this router from serving (empty: ready): the bus, the store, the
+        deployments. Cached for a moment: probes may come often."""
+        now = self._clock()
+        if self._ready_cache is not None and now - self._ready_cache[0] < 0.5:
+            return self._ready_cache[1]
+        problems: dict[str, str] = {}
+        if not self.bus.link.connected:
+            problems["bus"] = f"no NATS connection for {self.bus.link.down_for():.1f} s"
+        else:
+            try:
+                await self.bus.request(subjects.STORE_LIST, {}, timeout=self.settings.fail_fast_s)
+            except LScaleError as exc:  # no responders, timeout, connection closed
+                problems["store"] = f"the model store does not answer: {exc}"
+        problems.update(self.catalog.readiness())
+        self._ready_cache = (self._clock(), problems)
+        return problems
 
     # --- placing and sending -------------------------------------------------------------
 
@@ -636,10 +709,16 @@ class NatsBackend:
         while True:
             try:
                 now = self._clock()
-                for eid, seen in list(self._seen.items()):
-                    if now - seen > self.settings.executor_timeout_s:
-                        await self._drop_executor(
-                            eid, f"no readiness or metrics for {now - seen:.1f} s")
+                if self.bus.link.connected:
+                    for eid, seen in list(self._seen.items()):
+                        silent = now - max(seen, self._link_up_at)
+                        if silent > self.settings.executor_timeout_s:
+                            await self._drop_executor(
+                                eid, f"no readiness or metrics for {now - seen:.1f} s")
+                elif self.bus.link.down_for() > self.settings.fail_fast_s:
+                    self._fail_queued(self._outage_error)
+                if any(True for _ in self.table.queued_models()):
+                    self._fail_queued(self.catalog.unservable)
                 self._dispatch_queued()
                 cold = self._cold_report_due and now >= self._cold_report_at()
                 if now >= next_report or cold:

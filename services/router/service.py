@@ -52,6 +52,9 @@ class RouterConfig(ServiceConfig):
         "help": "period of load reports to the scaler"})
     max_reroutes: int = field(default=3, metadata={
         "help": "times one request may move to another route"})
+    fail_fast_s: float = field(default=1.0, metadata={
+        "help": "a request nothing can serve (model not deployed, NATS down, no store) gets "
+                "its 503 within this many seconds"})
     pipelines: bool = field(default=True, metadata={
         "help": "serve through execution pipelines of partial copies while loading "
                 "(execute-while-load); false: local instances only"})
@@ -62,7 +65,7 @@ class RouterConfig(ServiceConfig):
             raise ConfigError("http_port", f"{self.http_port} is not a TCP port (0..65535)")
         for name in ("queue_wait_s", "ack_timeout_s", "first_token_timeout_s",
                      "token_timeout_s", "executor_timeout_s", "store_timeout_s",
-                     "load_report_interval_s"):
+                     "load_report_interval_s", "fail_fast_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")
         for name in ("queue_limit", "max_reroutes", "models_ttl_s"):
@@ -84,7 +87,7 @@ class RouterConfig(ServiceConfig):
             token_timeout_s=self.token_timeout_s, executor_timeout_s=self.executor_timeout_s,
             store_timeout_s=self.store_timeout_s, models_ttl_s=self.models_ttl_s,
             load_report_interval_s=self.load_report_interval_s, max_reroutes=self.max_reroutes,
-            pipelines=self.pipelines,
+            pipelines=self.pipelines, fail_fast_s=self.fail_fast_s,
         )
 
 

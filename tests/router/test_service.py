@@ -358,14 +358,27 @@ async def test_load_reports_metrics_and_discovery(
     assert infos[0]["metadata"]["http_url"] == router.http_url
 
 
-async def test_store_down_is_503(nats_server: NatsServer) -> None:
+async def test_store_down_is_503(nats_server: NatsServer, fake_model: FakeModel) -> None:
+    # Rewritten for the pushed catalog (issue 13): the model list comes from the registry
+    # bucket, so a store that is down no longer fails /v1/models; what needs the store (a
+    # tokenizer never fetched) is a fast 503, and /ready says the store is missing.
+    registry_owner = await FakeModelStore(nats_server.url, {MODEL: fake_model}).start()
+    await registry_owner._bus.close()  # type: ignore[union-attr]  # registry written, store gone
     service = RouterService(router_config(nats_server.url, store_timeout_s=0.5))
     await service.start()
     try:
         async with client(service) as api:
+            assert [m.id for m in (await api.models.list()).data] == [MODEL]
+            started = asyncio.get_running_loop().time()
             with pytest.raises(openai.APIStatusError) as caught:
-                await api.models.list()
-        assert caught.value.status_code == 503
+                await api.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+            assert caught.value.status_code == 503
+            assert "model store" in caught.value.message
+            assert asyncio.get_running_loop().time() - started < 1.0
+        async with httpx.AsyncClient(base_url=service.http_url) as http:
+            ready = await http.get("/ready")
+            assert ready.status_code == 503 and "store" in ready.json()["problems"]
+            assert (await http.get("/health")).status_code == 200
     finally:
         await service.stop()
 
