@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import CheckpointError, InvalidParameter
-from shared.model.layout import ModelManifest
+from shared.model.layout import ModelManifest, weights_digest
 
 
 def parse_manifest(model: str, raw: Any) -> ModelManifest:
@@ -163,6 +163,9 @@ class HostCopies:
         return [m for m in models if self._copies.pop(m, None) is not None]
 
     def describe(self) -> list[dict[str, Any]]:
-        """For metrics: ``{"model", "size_bytes", "last_used"}`` per copy."""
-        return [{"model": c.model, "size_bytes": c.nbytes, "last_used": c.last_used}
+        """For metrics: ``{"model", "size_bytes", "last_used", "weights"}`` per copy
+        (``weights``: :func:`~shared.model.layout.weights_digest` of the copy's manifest)."""
+        return [{"model": c.model, "size_bytes": c.nbytes, "last_used": c.last_used,
+                 "weights": weights_digest((b.offset, b.nbytes, b.checksum)
+                                           for b in c.manifest.blocks)}
                 for c in self._copies.values()]

@@ -92,12 +92,14 @@ def parse_host_copies(raw: Any, model_bytes: Mapping[str, int]) -> tuple[HostCop
             name = item["model"]
             size = item.get("size_bytes")
             used = item.get("last_used", 0.0)
+            weights = item.get("weights", "")
             copies[name] = HostCopy(
                 name,
                 _int(size, model_bytes.get(name, 0)) if size is not None
                 else model_bytes.get(name, 0),
                 float(used) if isinstance(used, int | float) and not isinstance(used, bool)
                 else 0.0,
+                weights if isinstance(weights, str) else "",
             )
     return tuple(copies[m] for m in sorted(copies))
 
@@ -209,6 +211,7 @@ def executor_reports(
 class Change(StrEnum):
     READY = "ready"  # loading -> ready: every layer arrived
     LOST = "lost"  # the executor reports another model (restarted, or never got it)
+    SILENT = "silent"  # the executor gave no sign of life for the silence grace period
     LOADING_TIMEOUT = "loading_timeout"  # loading for longer than the timeout: give up
     DRAINED = "drained"  # the release took effect
     DRAINING_TIMEOUT = "draining_timeout"  # no sign the release took effect: drop the row
@@ -240,6 +243,8 @@ def housekeeping(
     draining_timeout_s: float,
     grace_s: float,
     busy: frozenset[str] = frozenset(),
+    silent_s: float = math.inf,
+    listening_since: float = -math.inf,
 ) -> list[TableChange]:
     """Changes to the instance table that the observations call for.
 
@@ -247,6 +252,12 @@ def housekeeping(
     row first after a restart); an observation must be newer to count, and for "lost" newer
     by ``grace_s``, because a snapshot published just before an assignment may arrive just
     after it. Executors in ``busy`` (an action on them is in flight) are left alone.
+
+    A serving or loading row whose executor said nothing for ``silent_s`` is dropped
+    (``SILENT``: SIGKILLed, its host gone), so that its capacity is replaced within seconds
+    and no phantom ready instance stays listed. Silence counts from ``listening_since`` at the
+    earliest: while the scaler's own bus connection was down it heard nobody, and that says
+    nothing about the executors (a bus outage is not executor death).
     """
     changes: list[TableChange] = []
     for eid in sorted(instances):
@@ -255,6 +266,12 @@ def housekeeping(
         record = instances[eid]
         obs = observations.get(eid)
         t0 = since.get(eid, now)
+        # (an executor that said it stopped is reconcile's to forget, at once)
+        if record.state is not InstanceState.DRAINING and not (obs is not None and obs.stopped):
+            heard = max(obs.seen_at if obs is not None else -math.inf, t0, listening_since)
+            if now - heard > silent_s:
+                changes.append(TableChange(eid, record, Change.SILENT))
+                continue
         fresh = obs is not None and not obs.stopped and obs.state_at >= t0
         if record.state is InstanceState.DRAINING:
             if fresh and obs is not None and obs.model != record.model:

@@ -239,6 +239,7 @@ class HostCopy:
     model: str
     size_bytes: int
     last_used: float
+    weights: str = ""  # digest of the copy's bytes (shared.model.layout.weights_digest)
 
 
 @dataclass(frozen=True)

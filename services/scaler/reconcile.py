@@ -258,6 +258,9 @@ class ClusterView:
     pending: tuple[PendingOp, ...] = ()
     store: StoreHoldings = field(default_factory=StoreHoldings)
     model_bytes: Mapping[str, int] = field(default_factory=dict)
+    # model -> digest of the store's current weights: a host copy with another digest was
+    # kept from an older model of that name and is no source for this one
+    model_weights: Mapping[str, str] = field(default_factory=dict)
     load: LoadSnapshot | None = None
     executor_timeout_s: float = 10.0
     # Since when the shell has been collecting reports; None: not long enough to call an
@@ -476,10 +479,13 @@ def model_holders(
         and _is_ready(view, records, e)
         and _liveness(view, e)
     ]
+    current = view.model_weights.get(model, "")
     host = [
         e
         for e in sorted(view.executors)
-        if _liveness(view, e) and any(c.model == model for c in view.executors[e].host_copies)
+        if _liveness(view, e) and any(
+            c.model == model and (not current or not c.weights or c.weights == current)
+            for c in view.executors[e].host_copies)
     ]
     # Among host-memory sources prefer free executors: a busy one's links also carry its own
     # model's traffic (requests, pipeline activations).

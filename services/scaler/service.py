@@ -149,6 +149,7 @@ from shared.messages import (
     StartTransfer,
     Undeploy,
 )
+from shared.model.layout import manifest_weights_digest
 from shared.natsauth import executor_nats_env
 from shared.runtime import Service
 
@@ -164,6 +165,10 @@ class ScalerConfig(ServiceConfig):
         default=5.0, metadata={"help": "a router's load report older than this is ignored"})
     executor_timeout_s: float = field(
         default=10.0, metadata={"help": "an executor silent this long is dead"})
+    silent_grace_s: float = field(
+        default=2.0, metadata={"help": "an instance whose executor is silent this long (while "
+                                       "the scaler's own bus is up) is lost and replaced; "
+                                       "executors report every second"})
     discovery_interval_s: float = field(
         default=2.0, metadata={"help": "seconds between executor discovery rounds"})
     assign_timeout_s: float = field(default=30.0, metadata={"help": "assign request timeout"})
@@ -214,6 +219,7 @@ class ScalerConfig(ServiceConfig):
     def validate(self) -> None:
         super().validate()
         for name in ("reconcile_interval_s", "load_max_age_s", "executor_timeout_s",
+                     "silent_grace_s",
                      "discovery_interval_s", "assign_timeout_s", "release_timeout_s",
                      "transfer_timeout_s", "store_timeout_s", "manifest_ttl_s",
                      "loading_timeout_s", "draining_timeout_s", "pending_timeout_s",
@@ -335,6 +341,9 @@ class ScalerService(Service[ScalerConfig]):
         self._provisioning = False
         self._redriving = False
         self._redrive_checked: dict[str, float] = {}  # executor -> when its row was checked
+        self._lost: dict[str, tuple[float, InstanceRecord]] = {}  # eid -> (when, its row)
+        self._outage_noted = False
+        self._next_silence: float | None = None  # when the next row would turn silent
 
     # --- set-up ---------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -354,8 +363,22 @@ class ScalerService(Service[ScalerConfig]):
         await self.listen(subjects.READY_ALL, self._on_readiness, message_type=LayerReadiness)
         await self.listen(subjects.metrics("executor", "*"), self._on_metrics,
                           message_type=MetricsSnapshot)
+        self.bus.link.on_reconnect.append(self._on_reconnect)
         self.spawn(self._reconcile_loop(), "reconcile")
         self.spawn(self._discovery_loop(), "discovery")
+
+    def _on_reconnect(self) -> None:
+        """Back on the bus: the buckets' watchers may have died with the server; executors'
+        reports resume, and the instances they describe are kept (re-adopted when a row
+        went missing), not placed again."""
+        for mirror in self._mirrors:
+            mirror.resync()
+        self._wake.set()
+
+    def _listening_since(self) -> float:
+        """Wall-clock time since when the scaler's bus has been up: silence before it is
+        the scaler's own outage, not the executors'."""
+        return time.time() - (time.monotonic() - self.bus.link.since)
 
     def _build_provisioner(self) -> Provisioner | None:
         cfg = self.config
@@ -509,6 +532,10 @@ class ScalerService(Service[ScalerConfig]):
         out = []
         for name in sorted(specs):
             rows = [r.to_dict() for r in records.values() if r.deployment == name]
+            # lost a moment ago (executor silent): listed as such for a while, not counted
+            rows += [{**r.to_dict(), "state": "lost", "lost_at": when}
+                     for eid, (when, r) in self._lost.items()
+                     if r.deployment == name and eid not in records]
             rows.sort(key=lambda r: str(r["executor_id"]))
             decision = self._decisions.get(name)
             out.append(DeploymentStatus(
@@ -586,11 +613,24 @@ class ScalerService(Service[ScalerConfig]):
                 self.log.exception("reconcile tick crashed", error=repr(exc))
             self._ticks += 1
             self._last_tick_ms = (time.monotonic() - started) * 1000
+            wait = self.config.reconcile_interval_s
+            if self._next_silence is not None:  # act on a silent executor when it is due
+                wait = min(wait, max(0.02, self._next_silence - time.time()))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.reconcile_interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _tick(self) -> None:
         cfg = self.config
+        if not self.bus.link.connected:
+            # Nothing can be carried out, the mirrors are stale and every executor is silent
+            # to us: decide nothing until the bus is back (a bus outage is not executor death).
+            if not self._outage_noted:
+                self._outage_noted = True
+                self.log.warning("bus down: reconciliation paused")
+            return
+        if self._outage_noted:
+            self._outage_noted = False
+            self.log.info("bus back: reconciliation resumed")
         specs = await self._read_deployments()
         records = await self._read_instances()
         now = time.time()
@@ -608,6 +648,9 @@ class ScalerService(Service[ScalerConfig]):
 
         self._pending = settle_pending(self._pending, records, now, cfg.pending_timeout_s)
         reports = observe.executor_reports(self._observations, records, specs)
+        listening = self._listening_since()
+        reports = {eid: r if r.time == observe.DEAD or r.time >= listening
+                   else dataclasses.replace(r, time=listening) for eid, r in reports.items()}
         for eid, until in list(self._cooldown.items()):
             if until <= now:
                 del self._cooldown[eid]
@@ -622,9 +665,11 @@ class ScalerService(Service[ScalerConfig]):
             pending=self._pending,
             store=self._store_holdings(),
             model_bytes=self._model_bytes(),
+            model_weights={m: manifest_weights_digest(lk.manifest)
+                           for m, lk in self._manifests.items() if lk.manifest is not None},
             load=self._snapshot(now),
             executor_timeout_s=cfg.executor_timeout_s,
-            reports_since=self._started,
+            reports_since=max(self._started, listening),
             strategy=cfg.strategy,
         )
         result = reconcile(view)
@@ -723,10 +768,16 @@ class ScalerService(Service[ScalerConfig]):
     async def _apply_housekeeping(self, records: dict[str, InstanceRecord],
                                   now: float) -> dict[str, InstanceRecord]:
         cfg = self.config
+        listening = self._listening_since()
         changes = observe.housekeeping(
             records, self._observations, self._since, now,
             loading_timeout_s=cfg.loading_timeout_s, draining_timeout_s=cfg.draining_timeout_s,
-            grace_s=cfg.report_grace_s, busy=frozenset(self._inflight))
+            grace_s=cfg.report_grace_s, busy=frozenset(self._inflight),
+            silent_s=cfg.silent_grace_s, listening_since=listening)
+        self._next_silence = self._silence_due(records, listening)
+        for eid, (when, _) in list(self._lost.items()):
+            if now - when > cfg.draining_timeout_s or eid in records:
+                del self._lost[eid]
         out = dict(records)
         for change in changes:
             record = change.record
@@ -742,6 +793,15 @@ class ScalerService(Service[ScalerConfig]):
             except BusError as exc:
                 self.log.warning("instance table update failed", executor=eid, error=str(exc))
                 continue
+            if change.change is observe.Change.SILENT:
+                self._lost[eid] = (now, record)
+                # what it said last is stale: neither adopt it again nor count it free, until
+                # it speaks again (a SIGSTOPped executor that resumes is adopted then)
+                obs = self._observations.get(eid)
+                if obs is not None:
+                    self._observations[eid] = dataclasses.replace(obs, stopped=True)
+                self.log.warning("instance lost: its executor went silent", executor=eid,
+                                 model=record.model, silent_s=cfg.silent_grace_s)
             kind = "instance.ready" if change.change is observe.Change.READY else "instance.gone"
             self._publish(Event(kind=kind, source=self._source, time=now,
                                 reason=change.change.value, model=record.model,
@@ -752,6 +812,20 @@ class ScalerService(Service[ScalerConfig]):
                 self.spawn(self._send_release(record, keep_host_copy=False, evict=()),
                            f"release-{eid}")
         return out
+
+    def _silence_due(self, records: Mapping[str, InstanceRecord],
+                     listening: float) -> float | None:
+        """When the first serving row would have been silent for the grace period."""
+        due: float | None = None
+        for eid, record in records.items():
+            if record.state is InstanceState.DRAINING:
+                continue
+            obs = self._observations.get(eid)
+            heard = max(obs.seen_at if obs is not None else 0.0, self._since.get(eid, 0.0),
+                        listening)
+            at = heard + self.config.silent_grace_s
+            due = at if due is None else min(due, at)
+        return due
 
     async def _screen(self, result: ReconcileResult, specs: Mapping[str, DeploymentSpec],
                       now: float) -> tuple[list[Action], set[str]]:

@@ -19,9 +19,11 @@ This module is pure: it plans offsets and describes the result; it does no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+
+import xxhash
 
 from shared.errors import CheckpointError, InvalidParameter
 from shared.model.config import ModelConfig, expected_tensor_shapes, layer_of_tensor
@@ -206,6 +208,27 @@ class ModelManifest:
                    checksum_algo=str(raw["checksum_algo"]),
                    hf_files=tuple(str(f) for f in raw.get("hf_files") or ()),
                    format_version=version)
+
+
+def weights_digest(blocks: Iterable[tuple[int, int, str]]) -> str:
+    """One short fingerprint of a model's bytes from its blocks' ``(offset, nbytes,
+    checksum)``: two copies with the same digest hold the same weights. Host copies carry it
+    in reports, so that a copy kept from before a name was removed and added again (other
+    weights) is never used as a source for the new manifest."""
+    h = xxhash.xxh3_64()
+    for offset, nbytes, checksum in blocks:
+        h.update(f"{offset}:{nbytes}:{checksum};".encode())
+    return h.hexdigest()
+
+
+def manifest_weights_digest(manifest: Mapping[str, Any]) -> str:
+    """:func:`weights_digest` of a manifest map (``blocks`` entries with offset, nbytes,
+    checksum); "" when it has none."""
+    blocks = manifest.get("blocks")
+    if not isinstance(blocks, list) or not blocks:
+        return ""
+    return weights_digest((int(b.get("offset", 0)), int(b.get("nbytes", 0)),
+                           str(b.get("checksum", ""))) for b in blocks if isinstance(b, dict))
 
 
 def split_layers(layer_bytes: Sequence[int], num_blocks: int) -> list[tuple[int, int]]:

@@ -197,6 +197,34 @@ def test_free_host_holder_loads_locally_without_multicast() -> None:
     assert result.actions == (Assign("a", "ma", "h0", Tier.HOST),)
 
 
+def test_multicast_receivers_are_told_to_receive_whatever_the_source_tier() -> None:
+    # scale-to-zero kept a host copy on h0 only; 4 wanted: h0 loads its own copy, the rest
+    # receive a multicast fed by it (host tier) and must not be told to load a host copy
+    executors = [report("h0", copies=[("ma", GB, 1.0)]), report("e1"), report("e2"),
+                 report("e3")]
+    result = reconcile(view({"a": 4}, executors))
+    assigns = {a.executor_id: a for a in result.actions if isinstance(a, Assign)}
+    assert {e: a.load_from for e, a in assigns.items()} == {
+        "h0": "host", "e1": "multicast", "e2": "multicast", "e3": "multicast"}
+    multicast = result.actions[-1]
+    assert isinstance(multicast, StartMulticast)
+    assert multicast.request.source_tier is Tier.HOST
+    assert {assigns[e].source_tier for e in ("e1", "e2", "e3")} == {Tier.HOST}
+
+
+def test_a_host_copy_of_other_weights_under_the_name_is_no_source() -> None:
+    # the name was removed and added again with other weights: h0's old copy must not feed
+    # the new manifest (its blocks would fail every checksum)
+    stale = ExecutorReport("h0", NOW, None, None, False, 0, (HostCopy("ma", GB, 1.0, "old"),))
+    result = reconcile(view({"a": 1}, [stale], model_weights={"ma": "new"}))
+    multicast = result.actions[-1]
+    assert isinstance(multicast, StartMulticast)
+    assert multicast.request.sources == ("store",)
+    same = ExecutorReport("h0", NOW, None, None, False, 0, (HostCopy("ma", GB, 1.0, "new"),))
+    result = reconcile(view({"a": 1}, [same], model_weights={"ma": "new"}))
+    assert result.actions == (Assign("a", "ma", "h0", Tier.HOST),)
+
+
 def test_busy_host_holder_is_a_multicast_source() -> None:
     executors = [report("e0"), report("h0", "b", "mb", ready=True, copies=[("ma", GB, 1.0)])]
     result = reconcile(view({"a": 1, "b": 1}, executors, [record("h0", B)]))

@@ -121,6 +121,14 @@ class FakeExecutor:
                                   region=self.region() if self.model else {})
         raise InvalidParameter(f"unknown op {op!r}")
 
+    async def kill(self) -> None:
+        """Gone without a word (SIGKILL): no more metrics, no "stopped" snapshot."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.bus.unsubscribe(self._handle)
+
     def region(self) -> dict[str, Any]:
         """The descriptor of the weight buffer (one per assignment, as a real executor's)."""
         return {"transport": "tcp", "region_id": f"{self.id}-w{len(self.assigns)}",
@@ -595,6 +603,76 @@ async def test_failed_assign_moves_on_and_dead_executor_is_replaced(cluster: Clu
     # the event goes out after the row's delete: it may arrive just after the listing
     await wait_until(lambda: any(e.data["executor_id"] == "e1"
                                  for e in cluster.kinds("scale.forget")), what="forget event")
+
+
+async def test_silent_executor_is_listed_lost_and_replaced_within_seconds(
+        cluster: Cluster) -> None:
+    for eid in ("e0", "e1"):
+        await cluster.add_executor(eid)
+    await cluster.start_scaler(silent_grace_s=0.5)
+    await cluster.deploy(name="d", model="m", max_instances=1, keep_alive_s=30)
+    cluster.router.queued = {"m": 1}
+
+    async def one_ready() -> str | None:
+        rows = await cluster.instances()
+        ready = [r["executor_id"] for r in rows.values() if r["state"] == "ready"]
+        return ready[0] if ready else None
+
+    await wait_until(one_ready, what="an instance")
+    first = await one_ready()
+    assert first is not None
+    other = "e1" if first == "e0" else "e0"
+    killed = time.monotonic()
+    await cluster.executors[first].kill()
+
+    async def lost_listed() -> bool:
+        rows = await cluster.instances()
+        return rows.get(f"instance.{first}", {}).get("state") == "lost"
+
+    await wait_until(lost_listed, timeout=3, what="the silent row listed as lost")
+    assert time.monotonic() - killed < 1.5  # grace 0.5 s, a report every 0.05 s
+
+    async def replaced() -> bool:
+        rows = await cluster.instances()
+        return rows.get(f"instance.{other}", {}).get("state") == "ready"
+
+    await wait_until(replaced, timeout=5, what="the replacement")
+    await wait_until(lambda: [e for e in cluster.kinds("instance.gone")
+                              if e.data["executor_id"] == first], what="instance.gone event")
+    gone = [e for e in cluster.kinds("instance.gone") if e.data["executor_id"] == first]
+    assert gone[0].reason == "silent"
+
+
+async def test_bus_outage_keeps_instances_and_re_places_nothing(cluster: Cluster) -> None:
+    for eid in ("e0", "e1"):
+        await cluster.add_executor(eid)
+    await cluster.start_scaler(silent_grace_s=0.5, executor_timeout_s=1.0)
+    await cluster.deploy(name="d", model="m", max_instances=2, keep_alive_s=60)
+    cluster.router.queued = {"m": 2}
+
+    async def both_ready() -> bool:
+        rows = await cluster.instances()
+        return len(rows) == 2 and all(r["state"] == "ready" for r in rows.values())
+
+    await wait_until(both_ready, what="2 instances")
+    assigns = len(cluster.assigns())
+    # nats-server goes away for longer than the silence grace and the executor timeout ...
+    server = cluster.server
+    port = server.port
+    server.stop()
+    await asyncio.sleep(3.0)
+    server.requested_port = port or -1
+    await asyncio.to_thread(server.start)
+    assert cluster.scaler is not None
+    async with asyncio.timeout(10):
+        while not cluster.scaler.bus.link.connected:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(2.0)  # several ticks with fresh reports
+    # ... and comes back: the same instances serve, nobody was assigned, released or lost
+    await wait_until(both_ready, what="2 instances after the outage")
+    assert len(cluster.assigns()) == assigns
+    assert cluster.releases() == []
+    assert not cluster.kinds("instance.gone") and not cluster.kinds("scale.forget")
 
 
 async def test_cli_deploy_list_undeploy(cluster: Cluster, capsys: pytest.CaptureFixture[str]
