@@ -68,6 +68,12 @@ class InstanceRecord:
     # how its weights arrive: "host" (its own host copy) or "multicast" (a transfer fills
     # its buffer, whatever tier the transfer's sources are in)
     load_from: str = ""
+    weights: str = ""  # digest of the manifest it was assigned (shared.model.layout)
+
+    def stale(self, current: str) -> bool:
+        """Assigned other weights than the store's ``current`` ones (the name was removed
+        and added again): it serves a model that no longer exists."""
+        return bool(self.weights and current and self.weights != current)
 
     @property
     def loads_host_copy(self) -> bool:
@@ -88,6 +94,7 @@ class InstanceRecord:
             "started_at": self.started_at,
             "source_tier": self.source_tier,
             "load_from": self.load_from,
+            "weights": self.weights,
         }
 
     @classmethod
@@ -103,6 +110,7 @@ class InstanceRecord:
                 started_at=float(raw.get("started_at", 0.0)),
                 source_tier=str(raw.get("source_tier", "")),
                 load_from=str(raw.get("load_from", "")),
+                weights=str(raw.get("weights", "")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise DecodeError(f"instance record: {exc!r}") from exc
@@ -318,6 +326,13 @@ def reconcile(view: ClusterView) -> ReconcileResult:
             emit(Forget(record.deployment, eid))
             continue
         records[eid] = record
+        if record.stale(view.model_weights.get(record.model, "")) \
+                and record.state is not InstanceState.DRAINING:
+            # old weights under a re-added name: release it (no host copy), and do not count
+            # it, so that a replacement with the current weights is placed
+            if eid not in pending_release:
+                emit(Release(record.deployment, record.model, eid))
+            continue
         if record.state is not InstanceState.DRAINING and eid not in pending_release:
             members.setdefault(record.deployment, set()).add(eid)
     for eid in sorted(view.executors):
@@ -471,15 +486,16 @@ def model_holders(
 ) -> Holders:
     """Who holds ``model``, fastest tier first: ready instances (GPU), executors' host copies
     (free executors first), the store's memory and disk."""
+    current = view.model_weights.get(model, "")
     gpu = [
         e
         for e in sorted(records)
         if records[e].model == model
+        and not records[e].stale(current)
         and records[e].state is not InstanceState.DRAINING
         and _is_ready(view, records, e)
         and _liveness(view, e)
     ]
-    current = view.model_weights.get(model, "")
     host = [
         e
         for e in sorted(view.executors)

@@ -154,6 +154,7 @@ from shared.natsauth import executor_nats_env
 from shared.runtime import Service
 
 PROVISIONERS = ("none", "local", "docker")
+_STALL_S = 0.5  # the reconcile loop woke this much later than due: the event loop stalled
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,7 @@ class ScalerService(Service[ScalerConfig]):
         self._redrive_checked: dict[str, float] = {}  # executor -> when its row was checked
         self._lost: dict[str, tuple[float, InstanceRecord]] = {}  # eid -> (when, its row)
         self._outage_noted = False
+        self._stalled_until = 0.0  # wall time our event loop last came back from a stall
         self._next_silence: float | None = None  # when the next row would turn silent
 
     # --- set-up ---------------------------------------------------------------------------
@@ -378,7 +380,7 @@ class ScalerService(Service[ScalerConfig]):
     def _listening_since(self) -> float:
         """Wall-clock time since when the scaler's bus has been up: silence before it is
         the scaler's own outage, not the executors'."""
-        return time.time() - (time.monotonic() - self.bus.link.since)
+        return max(time.time() - (time.monotonic() - self.bus.link.since), self._stalled_until)
 
     def _build_provisioner(self) -> Provisioner | None:
         cfg = self.config
@@ -616,8 +618,13 @@ class ScalerService(Service[ScalerConfig]):
             wait = self.config.reconcile_interval_s
             if self._next_silence is not None:  # act on a silent executor when it is due
                 wait = min(wait, max(0.02, self._next_silence - time.time()))
+            due = time.time() + wait
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
+            if time.time() - due > _STALL_S:
+                # Our loop was blocked (CPU starvation, SIGSTOP, a blocking call): reports that
+                # came meanwhile are not read yet, so nobody's silence counts before now.
+                self._stalled_until = time.time()
 
     async def _tick(self) -> None:
         cfg = self.config
@@ -966,7 +973,8 @@ class ScalerService(Service[ScalerConfig]):
             return None
         started = time.time()
         record = InstanceRecord(eid, action.deployment, action.model, InstanceState.LOADING,
-                                started, action.source_tier.value, action.load_from)
+                                started, action.source_tier.value, action.load_from,
+                                manifest_weights_digest(manifest))
         try:
             await self._kv_put(self.instances_kv, record.kv_key, record.to_dict())
         except BusError as exc:

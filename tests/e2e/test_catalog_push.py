@@ -9,6 +9,7 @@ served, with the *new* weights (greedy tokens equal transformers' on the new che
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -54,7 +55,17 @@ async def test_each_model_is_served_on_the_first_request_after_deploy(
         assert statuses == [(f"eval-{i}", 200) for i in range(MODELS)]
 
         # removed from the store and added again under the same name, with other weights
+        # (once its keep-alive released the old instance: the scaler replaces a running
+        # instance of old weights too, but until then the router may still route to it)
         name = "eval-3"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            listing = await cluster.bus.request(subjects.SCALER_LIST, {}, timeout=10)
+            rows = [r for d in listing["deployments"] if d["spec"]["name"] == name
+                    for r in d["instances"] if r["state"] != "lost"]
+            if not rows:
+                break
+            await asyncio.sleep(0.1)
         await cluster.bus.request(subjects.STORE_REMOVE, {"name": name}, timeout=30)
         fresh = make_checkpoint(tmp_path / "eval-3-again", spec(999))
         await cluster.add_model(name, fresh.directory, blocks=2)

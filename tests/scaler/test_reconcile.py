@@ -225,6 +225,21 @@ def test_a_host_copy_of_other_weights_under_the_name_is_no_source() -> None:
     assert result.actions == (Assign("a", "ma", "h0", Tier.HOST),)
 
 
+def test_an_instance_of_old_weights_under_a_re_added_name_is_released_and_replaced() -> None:
+    old = InstanceRecord("e0", "a", "ma", InstanceState.READY, 0.0, weights="old")
+    result = reconcile(view({"a": 1}, [report("e0", "a", "ma", ready=True), report("e1")],
+                            [old], model_weights={"ma": "new"}))
+    assert kinds(result.actions) == [("Release", "e0"), ("Assign", "e1"),
+                                     ("StartMulticast", "e1")]
+    multicast = result.actions[-1]
+    assert isinstance(multicast, StartMulticast)
+    assert multicast.request.sources == ("store",)  # not the stale GPU copy
+    same = InstanceRecord("e0", "a", "ma", InstanceState.READY, 0.0, weights="new")
+    result = reconcile(view({"a": 1}, [report("e0", "a", "ma", ready=True), report("e1")],
+                            [same], model_weights={"ma": "new"}))
+    assert result.actions == ()
+
+
 def test_busy_host_holder_is_a_multicast_source() -> None:
     executors = [report("e0"), report("h0", "b", "mb", ready=True, copies=[("ma", GB, 1.0)])]
     result = reconcile(view({"a": 1, "b": 1}, executors, [record("h0", B)]))
