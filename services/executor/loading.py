@@ -68,8 +68,23 @@ class WeightCopy:
         if self.device.type != "cpu":
             self.device_buffer = torch.empty(self.manifest.total_bytes, dtype=torch.uint8,
                                              device=self.device)
-        self.descriptor = await self.peer.start()
+        first = await self.peer.start()
+        # no standing token: writers get one per transfer (write_grant), revoked at seal()
+        self.peer.revoke(first.token)
+        self.descriptor = first.public()
         return self.descriptor
+
+    def write_grant(self) -> RegionDescriptor:
+        """The region with a new write token, for one transfer's senders; without a token
+        once the copy is whole (a serving region is read-only)."""
+        assert self.descriptor is not None
+        if self.complete or self.closed:
+            return self.descriptor
+        return self.peer.grant()
+
+    def seal(self) -> None:
+        """Revoke every write token (the copy is whole: it serves, nobody writes)."""
+        self.peer.seal()
 
     async def close(self) -> None:
         self.closed = True
@@ -156,13 +171,19 @@ async def load_from_store(bus: Bus, copy: WeightCopy, timeout_s: float) -> None:
     Raises the store's error (NoResponders when no store runs, ModelNotFound ...).
     """
     assert copy.descriptor is not None
-    target = copy.descriptor.to_dict()
-    async with asyncio.timeout(timeout_s):
-        for block in copy.manifest.blocks:
-            if block.index in copy.readiness.blocks:
-                continue
-            request = SendChunks(
-                model=copy.model, target=target, parts=copy.parts,
-                chunks=[block.index * copy.parts + p for p in range(copy.parts)],
-                transfer_id=f"load-{copy.peer.node_id}")
-            await bus.request(subjects.STORE_SOURCE, request, reply_type=Ack, timeout=timeout_s)
+    grant = copy.write_grant()
+    target = grant.to_dict()
+    try:
+        async with asyncio.timeout(timeout_s):
+            for block in copy.manifest.blocks:
+                if block.index in copy.readiness.blocks:
+                    continue
+                request = SendChunks(
+                    model=copy.model, target=target, parts=copy.parts,
+                    chunks=[block.index * copy.parts + p for p in range(copy.parts)],
+                    transfer_id=f"load-{copy.peer.node_id}")
+                await bus.request(subjects.STORE_SOURCE, request, reply_type=Ack,
+                                  timeout=timeout_s)
+    finally:
+        if grant.token:  # this load's grant ends with it
+            copy.peer.revoke(grant.token)

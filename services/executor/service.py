@@ -222,6 +222,15 @@ class ExecutorService(Service[ExecutorConfig]):
             request = AssignModel.from_wire(body)
             async with self._ctl_lock:
                 return await self._assign(request)
+        if op == "grant":
+            # a new write token for the region of the copy being filled (a re-driven
+            # multicast's senders); only the scaler may ask (NATS permissions)
+            model = body.get("model")
+            copy = self.copy
+            if copy is None or copy.model != model:
+                raise ModelNotFound(f"executor {self.id} is not filling {model!r}",
+                                    model=str(model))
+            return self._assign_reply(copy)
         if op == "release":
             release = ReleaseModel.from_wire(body)
             evict = body.get("evict") or []
@@ -229,7 +238,7 @@ class ExecutorService(Service[ExecutorConfig]):
                 raise InvalidParameter("evict must be a list of model names")
             async with self._ctl_lock:
                 return await self._release(release, evict)
-        raise InvalidParameter(f"unknown op {op!r}: expected assign, release or status")
+        raise InvalidParameter(f"unknown op {op!r}: expected assign, grant, release or status")
 
     def status(self) -> ExecutorStatus:
         copy = self.copy
@@ -294,8 +303,10 @@ class ExecutorService(Service[ExecutorConfig]):
 
     def _assign_reply(self, copy: WeightCopy) -> AssignReply:
         assert copy.descriptor is not None
+        # the only place a write token leaves this executor: the reply to the scaler, which
+        # hands it to the transfer's senders
         return AssignReply(executor_id=self.id, model=copy.model,
-                           region=copy.descriptor.to_dict(), ready_layers=copy.ready_layers)
+                           region=copy.write_grant().to_dict(), ready_layers=copy.ready_layers)
 
     async def _start_store_load(self, copy: WeightCopy) -> None:
         """Start the store load; fail the assignment if the store refuses at once."""
@@ -390,6 +401,8 @@ class ExecutorService(Service[ExecutorConfig]):
     async def _blocks_arrived(self, copy: WeightCopy, blocks: list[int]) -> None:
         if copy is not self.copy:
             return
+        if copy.complete:
+            copy.seal()  # whole: it serves now, and a serving region takes no writes
         if copy.complete and self._engine_task is None:
             self._engine_task = self.spawn(self._build_engine(copy), f"engine-{copy.model}")
         await self._publish_readiness()

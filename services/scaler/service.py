@@ -1174,6 +1174,12 @@ class ScalerService(Service[ScalerConfig]):
         manifest = self._manifest(model)
         if not regions or manifest is None:
             return
+        # status replies never carry a write token: ask each receiver for a grant for this
+        # multicast's senders
+        grants = await asyncio.gather(*(self._write_grant(eid, model) for eid in regions))
+        regions = {eid: g for eid, g in zip(list(regions), grants, strict=True) if g}
+        if not regions:
+            return
         try:
             request = plan_multicast(model_holders(view, model, view.instances, ()),
                                      sorted(regions), strategy=self.config.strategy)
@@ -1211,6 +1217,18 @@ class ScalerService(Service[ScalerConfig]):
                             data={"deployment": deployment, "key": key,
                                   "transfer_id": transfer_id, "receivers": receivers,
                                   "sources": list(request.sources), "redrive": True}))
+
+    async def _write_grant(self, executor_id: str, model: str) -> dict[str, Any]:
+        """A region descriptor with a fresh write token ({} when the executor refuses)."""
+        try:
+            reply = await self.bus.request(subjects.exec_ctl(executor_id),
+                                           {"op": "grant", "model": model},
+                                           reply_type=AssignReply,
+                                           timeout=self.config.executor_timeout_s)
+        except LScaleError as exc:
+            self.log.info("no write grant", executor=executor_id, model=model, error=str(exc))
+            return {}
+        return dict(reply.region) if reply.region.get("token") else {}
 
     async def _status_of(self, executor_id: str) -> ExecutorStatus | None:
         try:

@@ -13,7 +13,11 @@ with jitter, cost the binomial pipeline a quarter of its speed in the emulated b
 
 On a failed send the driver decides who is dead (the error's ``node`` detail, else the
 optional ``probe``, else the receiver), lets the other in-flight edges finish, and re-plans the
-rest from what the survivors hold (:func:`services.transfer.planner.replan`). It returns
+rest from what the survivors hold (:func:`services.transfer.planner.replan`). A
+:class:`~shared.errors.ChecksumMismatch` is not a death: the receiver verified a block, found
+it bad and forgot it, so the driver forgets the chunks the error names (``chunks``) at that
+receiver and re-plans them — the block is sent again — up to ``MAX_RESENDS`` times per
+receiver and block, after which the sender of the bad copy is dropped. It returns
 per-receiver completion times, bytes, and what failed.
 
 While it runs, :meth:`TransferDriver.add_receivers` adds receivers (a later scale-out wave of
@@ -33,11 +37,12 @@ from dataclasses import dataclass, field
 import structlog
 
 from services.transfer.planner import Edge, MulticastPlan, replan
-from shared.errors import LScaleError, PlanError, TransportError
+from shared.errors import ChecksumMismatch, LScaleError, PlanError, TransportError
 
 log = structlog.get_logger("transfer.driver")
 
 SendFn = Callable[[Edge], Awaitable[None]]
+MAX_RESENDS = 3  # bad copies of one block at one receiver before its sender is blamed
 ProbeFn = Callable[[str], Awaitable[bool]]
 
 
@@ -77,6 +82,8 @@ class TransferDriver:
         self._running: dict[asyncio.Task[None], Edge] = {}
         self._wake = asyncio.Event()
         self.closed = False  # set once the run ended (done or not): no more receivers
+        self.resends: dict[tuple[str, int], int] = defaultdict(int)  # (receiver, block) -> n
+        self.corrupt_blocks = 0  # bad blocks detected by receivers (each sent again)
 
     def add_receivers(self, receivers: Sequence[str]) -> int:
         """Add receivers to the running transfer; returns the ticks of the new remaining plan.
@@ -197,6 +204,8 @@ class TransferDriver:
                     else:
                         failures.append((e, exc))
                 for e, exc in failures:
+                    if self._resend(e, exc):
+                        continue
                     dead = await self._blame(e, exc)
                     for node in dead:
                         if node in self.alive:
@@ -223,6 +232,29 @@ class TransferDriver:
                               failed=dict(self.failed), replans=replans, edges_done=edges_done,
                               elapsed_s=self.clock() - start, arrivals=arrivals,
                               complete=done_receivers())
+
+    def _resend(self, edge: Edge, exc: BaseException) -> bool:
+        """A receiver found the block bad: forget its chunks there so the re-plan sends them
+        again. False (blame someone) when it is not that, or this block keeps arriving bad."""
+        if not isinstance(exc, ChecksumMismatch):
+            return False
+        chunks = exc.details.get("chunks")
+        if not isinstance(chunks, list) or not all(isinstance(c, int) for c in chunks):
+            chunks = [edge.chunk]
+        block = exc.details.get("block", edge.chunk)
+        key = (edge.dst, int(block) if isinstance(block, int) else edge.chunk)
+        self.resends[key] += 1
+        self.corrupt_blocks += 1
+        if self.resends[key] > MAX_RESENDS:
+            log.error("block keeps arriving corrupt; dropping its sender", receiver=edge.dst,
+                      block=key[1], sender=edge.src)
+            return False
+        held = self.held.get(edge.dst)
+        if held is not None:
+            held.difference_update(chunks)
+        log.warning("corrupt block detected by its receiver; sending it again",
+                    receiver=edge.dst, block=key[1], sender=edge.src, attempt=self.resends[key])
+        return True
 
     async def _blame(self, edge: Edge, exc: BaseException) -> list[str]:
         if isinstance(exc, asyncio.CancelledError):

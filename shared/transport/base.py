@@ -1,9 +1,11 @@
 """The data-plane seam: one-sided writes of byte ranges into a region another process owns.
 
 A *region* is a writable buffer (an executor's weight buffer) exposed by its owner through a
-:class:`RegionServer`. The owner publishes the region's :class:`RegionDescriptor` over NATS;
-any peer that holds the descriptor (and so the region's secret token) can open a
-:class:`RegionWriter` and write byte ranges into it. The owner learns of each completed write
+:class:`RegionServer`. The owner grants write tokens (:meth:`RegionServer.grant`) and hands a
+descriptor carrying one to exactly the writers that need it (a transfer's senders); a peer
+that holds such a descriptor can open a :class:`RegionWriter` and write byte ranges into it
+until the owner revokes the token. Descriptors shown to anyone else carry no token
+(:meth:`RegionDescriptor.public`). The owner learns of each completed write
 through its ``on_write`` callback, with the ``tag`` the writer gave (a chunk id), which is how
 an executor knows which blocks have arrived. Writes never travel through NATS.
 
@@ -31,6 +33,14 @@ class RegionDescriptor:
         return {"transport": self.transport, "region_id": self.region_id, "size": self.size,
                 "token": self.token, "address": dict(self.address)}
 
+    def public(self) -> RegionDescriptor:
+        """The same region without a write token: safe in status replies and logs."""
+        return RegionDescriptor(self.transport, self.region_id, self.size, "", dict(self.address))
+
+    def with_token(self, token: str) -> RegionDescriptor:
+        return RegionDescriptor(self.transport, self.region_id, self.size, token,
+                                dict(self.address))
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RegionDescriptor:
         return cls(transport=str(raw["transport"]), region_id=str(raw["region_id"]),
@@ -40,6 +50,9 @@ class RegionDescriptor:
 
 # Called by the region's owner after a write of [offset, offset+length) has fully landed.
 OnWrite = Callable[[str, int, int, int], Awaitable[None] | None]  # (region_id, offset, length, tag)
+# Asked before a write's bytes land: a reason to refuse it ("" / None: accept). (offset,
+# length, tag). The executor's refuses any write into a block it has already verified.
+Admit = Callable[[int, int, int], str | None]
 
 
 class RegionServer(Protocol):
@@ -47,8 +60,18 @@ class RegionServer(Protocol):
 
     async def start(self) -> None: ...
 
-    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite) -> RegionDescriptor:
-        """Make ``buffer`` writable by peers holding the returned descriptor."""
+    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite,
+               admit: Admit | None = None) -> RegionDescriptor:
+        """Make ``buffer`` writable by peers holding the returned descriptor (its token is
+        the first grant; revoke it to hand out only per-transfer grants)."""
+        ...
+
+    def grant(self, region_id: str) -> str:
+        """A new write token for the region, valid until revoked."""
+        ...
+
+    def revoke(self, region_id: str, token: str | None = None) -> None:
+        """Revoke one token, or all (``None``): the region is then read-only to writers."""
         ...
 
     def withdraw(self, region_id: str) -> None:

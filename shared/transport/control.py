@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from shared.errors import RegionAccessDenied, TransportError
+from shared.errors import ChecksumMismatch, RegionAccessDenied, TransportError, error_from_wire
 
 FRAME = struct.Struct("<I")
 MAX_FRAME = 1 << 16  # control messages are small; a bigger length is a broken peer
@@ -35,9 +35,33 @@ async def recv_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
     return msg
 
 
+IDLE_TIMEOUT_S = 300.0  # an owner closes a control connection silent for this long
+
+
+def refusal(exc: Exception) -> dict[str, Any]:
+    """The reply for a failed control request (a ChecksumMismatch travels whole)."""
+    if isinstance(exc, ChecksumMismatch):
+        return {"ok": False, "denied": False, "error": exc.message, "wire": exc.to_wire()}
+    if isinstance(exc, RegionAccessDenied):
+        return {"ok": False, "denied": True, "error": exc.message}
+    return {"ok": False, "denied": False, "error": str(exc)}
+
+
+async def recv_request(reader: asyncio.StreamReader,
+                       idle_timeout_s: float = IDLE_TIMEOUT_S) -> dict[str, Any] | None:
+    """The next control request; None when the writer hung up or stayed silent too long."""
+    try:
+        return await asyncio.wait_for(recv_frame(reader), idle_timeout_s)
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        return None
+
+
 def check_reply(reply: dict[str, Any]) -> dict[str, Any]:
     """The reply itself when ``ok``, else the error it carries, raised."""
     if not reply.get("ok"):
+        wire = reply.get("wire")
+        if isinstance(wire, dict):
+            raise error_from_wire(wire)
         if reply.get("denied"):
             raise RegionAccessDenied(str(reply.get("error", "denied")))
         raise TransportError(str(reply.get("error", "the region's owner failed the request")))

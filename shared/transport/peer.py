@@ -5,8 +5,15 @@ write chunks into it), and sends chunks of its own buffer into other peers' regi
 A chunk is part ``p`` of block ``b`` (tag ``b * parts + p``); block ``b``'s bytes are split
 into ``parts`` near-equal byte ranges. When every part of a block has landed, the block's
 bytes are checked against the manifest's xxh3_64 checksum: a match marks the block ready and
-calls ``on_block``; a mismatch is logged, counted, and the block is forgotten so that it can
-be sent again.
+calls ``on_block``; a mismatch is logged, counted, the block is forgotten, and the write that
+completed it fails with :class:`~shared.errors.ChecksumMismatch` naming the block's chunks,
+so the sender (the transfer driver) sends them again. A bad block is never marked ready.
+
+Sealing: the region admits a write only as one whole chunk of a block that is not verified
+yet (:meth:`DataPlanePeer._admit`, asked before any byte lands), so verified blocks — the
+ones a model runs on — are read-only to the data plane. Write tokens: the descriptor
+:meth:`start` returns carries the first grant; :meth:`grant` issues more (one per transfer)
+and :meth:`seal` revokes them all.
 """
 
 from __future__ import annotations
@@ -94,8 +101,40 @@ class DataPlanePeer:
     async def start(self) -> RegionDescriptor:
         await self.server.start()
         self.buffer = allocate_buffer(self.server, self.size)
-        self.descriptor = self.server.expose(self.region_id, self.buffer, self._on_write)
+        self.descriptor = self.server.expose(self.region_id, self.buffer, self._on_write,
+                                             self._admit)
         return self.descriptor
+
+    @property
+    def public_descriptor(self) -> RegionDescriptor | None:
+        """The region without any write token (for status replies)."""
+        return self.descriptor.public() if self.descriptor is not None else None
+
+    def grant(self) -> RegionDescriptor:
+        """A descriptor carrying a new write token (valid until :meth:`seal` / revoke)."""
+        if self.descriptor is None:
+            raise TransportError("peer not started")
+        return self.descriptor.with_token(self.server.grant(self.region_id))
+
+    def revoke(self, token: str | None = None) -> None:
+        self.server.revoke(self.region_id, token)
+
+    def seal(self) -> None:
+        """Revoke every write token: nobody may write into the region any more."""
+        self.server.revoke(self.region_id, None)
+
+    def _admit(self, offset: int, length: int, tag: int) -> str | None:
+        """Why a write must not land (None: it may): it must be exactly one chunk of a
+        block that has not been verified."""
+        block_index, part = divmod(tag, self.parts)
+        block = next((b for b in self.blocks if b.index == block_index), None)
+        if block is None or tag < 0:
+            return f"no chunk {tag}"
+        if block_index in self.ready:
+            return f"block {block_index} is verified (read-only)"
+        if (offset, length) != part_range(block, part, self.parts):
+            return f"[{offset}, {offset + length}) is not chunk {tag}'s range"
+        return None
 
     def load(self, data: bytes | memoryview, verify: bool = True) -> None:
         """Fill the whole buffer (a holder); marks every block ready (after checking)."""
@@ -140,7 +179,10 @@ class DataPlanePeer:
             self._parts_seen.pop(block_index, None)
             log.error("block failed its checksum; will take it again", block=block_index,
                       error=exc.message)
-            return
+            # the sender learns it through this write's failure, with what to send again
+            raise ChecksumMismatch(
+                f"{self.node_id}: {exc.message}", block=block_index, receiver=self.node_id,
+                chunks=[block_index * self.parts + p for p in range(self.parts)]) from exc
         self.ready.add(block_index)
         self.ready_times[block_index] = time.monotonic()
         self._changed.set()

@@ -9,6 +9,10 @@ The descriptor's address names a small TCP *setup* listener of the owner. A writ
 to it, sends ``hello`` (region id, token, its QP number, LID, GID, PSN); the owner checks the
 token, creates an RC queue pair for the writer, brings it to RTS and answers with its own QP
 info plus the region's address and rkey (the rkey is only revealed after the token check).
+Each write's ``intent`` is checked against the current grants and the region's ``admit``
+before the receive is posted, so a revoked or refused write is never counted; but, as with
+shm, a QP that holds the rkey can RDMA-write into the registration until it is closed (the
+region is withdrawn): rdma is for senders on a trusted fabric (SECURITY.md).
 Each write: the writer announces ``intent`` (offset, length, tag, a 32-bit sequence number)
 on the setup channel; the owner bounds-checks it, posts a receive and answers ``go``; the
 writer posts ``RDMA_WRITE_WITH_IMM`` (immediate = sequence number) from a registration of its
@@ -30,10 +34,10 @@ from typing import Any
 
 import structlog
 
-from shared.errors import RegionAccessDenied, TransportError
-from shared.transport.base import OnWrite, RegionDescriptor
-from shared.transport.control import call, check_reply, recv_frame, send_frame
-from shared.transport.tcp import check_write, run_on_write
+from shared.errors import ChecksumMismatch, RegionAccessDenied, TransportError
+from shared.transport.base import Admit, OnWrite, RegionDescriptor
+from shared.transport.control import call, check_reply, recv_frame, recv_request, refusal, send_frame
+from shared.transport.tcp import check_write, grant_token, revoke_tokens, run_on_write
 
 log = structlog.get_logger("transport.rdma")
 
@@ -138,8 +142,9 @@ class _Region:
     region_id: str
     buffer: memoryview
     on_write: OnWrite
-    token: str
+    tokens: set[str]
     mr: Any
+    admit: Admit | None = None
 
 
 class RdmaRegionServer:
@@ -159,16 +164,23 @@ class RdmaRegionServer:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
-    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite) -> RegionDescriptor:
+    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite,
+               admit: Admit | None = None) -> RegionDescriptor:
         if self._verbs is None:
             raise TransportError("region server not started")
         view = buffer.cast("B")
         token = secrets.token_hex(16)
         mr = self._verbs.register(view, remote_write=True)
-        self._regions[region_id] = _Region(region_id, view, on_write, token, mr)
+        self._regions[region_id] = _Region(region_id, view, on_write, {token}, mr, admit)
         return RegionDescriptor(transport="rdma", region_id=region_id, size=len(view),
                                 token=token,
                                 address={"host": self.advertise_host, "port": self.port})
+
+    def grant(self, region_id: str) -> str:
+        return grant_token(self._regions, region_id)
+
+    def revoke(self, region_id: str, token: str | None = None) -> None:
+        revoke_tokens(self._regions, region_id, token)
 
     def withdraw(self, region_id: str) -> None:
         region = self._regions.pop(region_id, None)
@@ -188,16 +200,17 @@ class RdmaRegionServer:
         verbs = self._verbs
         qp = cq = None
         region: _Region | None = None
+        token = ""
         try:
             while True:
-                try:
-                    msg = await recv_frame(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
+                msg = await recv_request(reader)
+                if msg is None:
                     return
                 try:
                     if msg.get("op") == "hello":
+                        token = str(msg.get("token"))
                         region = check_write(self._regions, str(msg.get("region_id")),
-                                             str(msg.get("token")), 0, 0)
+                                             token, 0, 0)
                         qp, cq = verbs.new_qp()
                         psn = secrets.randbelow(1 << 24)
                         verbs.connect(qp, msg, psn)
@@ -206,8 +219,9 @@ class RdmaRegionServer:
                                              "rkey": region.mr.rkey})
                     elif msg.get("op") == "intent" and region is not None and qp is not None:
                         offset, length = int(msg["offset"]), int(msg["length"])
-                        check_write(self._regions, region.region_id, region.token, offset,
-                                    length)
+                        # grant and admission checked before the receive is posted
+                        check_write(self._regions, region.region_id, token, offset, length,
+                                    int(msg["tag"]))
                         qp.post_recv(verbs.mods["wr"].RecvWR(wr_id=int(msg["seq"])))
                         await send_frame(writer, {"ok": True, "go": True})
                         wc = await _poll(cq, self.timeout_s)
@@ -218,12 +232,12 @@ class RdmaRegionServer:
                         await send_frame(writer, {"ok": True, "tag": int(msg["tag"])})
                     else:
                         raise RegionAccessDenied("write before a successful hello")
-                except RegionAccessDenied as exc:
+                except (RegionAccessDenied, ChecksumMismatch) as exc:
                     log.warning("rdma write refused", reason=exc.message)
-                    await send_frame(writer, {"ok": False, "denied": True, "error": exc.message})
+                    await send_frame(writer, refusal(exc))
                 except Exception as exc:
                     log.exception("rdma setup/write failed")
-                    await send_frame(writer, {"ok": False, "denied": False, "error": str(exc)})
+                    await send_frame(writer, refusal(exc))
         finally:
             writer.close()
             if qp is not None:

@@ -9,6 +9,13 @@ length, tag) on the control socket; the owner checks bounds again, runs ``on_wri
 acknowledges. So a writer with a wrong token never learns where the memory is, and
 ``on_write`` runs in the owner's process after the bytes are in place.
 
+Sealing, and its limit. Every commit is checked against the owner's current grants and its
+``admit`` (a write into a verified block is refused and never counted), so a revoked token
+stops counting at once. But a writer that was once admitted has the file mapped and can keep
+storing into it: shared memory cannot take back a mapping. shm is therefore for senders the
+owner trusts as much as itself (same host, same user); use tcp (the default) where a sender
+may not be trusted — see SECURITY.md.
+
 Control messages are msgpack maps, each framed by a u32 length.
 """
 
@@ -25,10 +32,10 @@ from typing import Any
 
 import structlog
 
-from shared.errors import RegionAccessDenied, TransportError
-from shared.transport.base import OnWrite, RegionDescriptor
-from shared.transport.control import call, recv_frame, send_frame
-from shared.transport.tcp import check_write, run_on_write
+from shared.errors import ChecksumMismatch, RegionAccessDenied, TransportError
+from shared.transport.base import Admit, OnWrite, RegionDescriptor
+from shared.transport.control import call, recv_request, refusal, send_frame
+from shared.transport.tcp import check_write, grant_token, revoke_tokens, run_on_write
 
 log = structlog.get_logger("transport.shm")
 
@@ -41,8 +48,9 @@ class _Region:
     region_id: str
     buffer: memoryview
     on_write: OnWrite
-    token: str
+    tokens: set[str]
     path: str
+    admit: Admit | None = None
 
 
 @dataclass
@@ -87,7 +95,8 @@ class ShmRegionServer:
         self._allocations[id(mapping)] = _Allocation(path, mapping)
         return memoryview(mapping)
 
-    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite) -> RegionDescriptor:
+    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite,
+               admit: Admit | None = None) -> RegionDescriptor:
         if self._server is None:
             raise TransportError("region server not started")
         alloc = self._allocations.get(id(buffer.obj))
@@ -96,9 +105,16 @@ class ShmRegionServer:
                 f"region {region_id!r}: shm regions must be allocated with allocate()")
         view = buffer.cast("B")
         token = secrets.token_hex(16)
-        self._regions[region_id] = _Region(region_id, view, on_write, token, alloc.path)
+        self._regions[region_id] = _Region(region_id, view, on_write, {token}, alloc.path,
+                                           admit)
         return RegionDescriptor(transport="shm", region_id=region_id, size=len(view),
                                 token=token, address={"socket": self.socket_path})
+
+    def grant(self, region_id: str) -> str:
+        return grant_token(self._regions, region_id)
+
+    def revoke(self, region_id: str, token: str | None = None) -> None:
+        revoke_tokens(self._regions, region_id, token)
 
     def withdraw(self, region_id: str) -> None:
         self._regions.pop(region_id, None)
@@ -126,17 +142,18 @@ class ShmRegionServer:
         if task is not None:
             self._handlers.add(task)
         region: _Region | None = None
+        token = ""
         try:
             while True:
-                try:
-                    msg = await recv_frame(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
+                msg = await recv_request(reader)
+                if msg is None:
                     return
                 op = msg.get("op")
                 try:
                     if op == "hello":
+                        token = str(msg.get("token"))
                         region = check_write(self._regions, str(msg.get("region_id")),
-                                             str(msg.get("token")), 0, 0)
+                                             token, 0, 0)
                         await send_frame(writer, {"ok": True, "path": region.path,
                                              "size": len(region.buffer)})
                     elif op == "commit":
@@ -144,19 +161,21 @@ class ShmRegionServer:
                             raise RegionAccessDenied("commit before a successful hello")
                         offset, length, tag = int(msg["offset"]), int(msg["length"]), \
                             int(msg["tag"])
-                        check_write(self._regions, region.region_id, region.token, offset,
-                                    length)
+                        # the grant is checked again at every commit: a revoked one stops
+                        # counting at once (see the module docstring for what it cannot stop)
+                        check_write(self._regions, region.region_id, token, offset, length,
+                                    tag)
                         await run_on_write(region.on_write, region.region_id, offset, length,
                                            tag)
                         await send_frame(writer, {"ok": True, "tag": tag})
                     else:
                         raise TransportError(f"unknown control op {op!r}")
-                except RegionAccessDenied as exc:
+                except (RegionAccessDenied, ChecksumMismatch) as exc:
                     log.warning("shm write refused", op=op, reason=exc.message)
-                    await send_frame(writer, {"ok": False, "denied": True, "error": exc.message})
+                    await send_frame(writer, refusal(exc))
                 except Exception as exc:
                     log.exception("shm control failed", op=op)
-                    await send_frame(writer, {"ok": False, "denied": False, "error": str(exc)})
+                    await send_frame(writer, refusal(exc))
         finally:
             writer.close()
             if task is not None:

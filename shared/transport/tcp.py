@@ -6,10 +6,25 @@ Wire format (little-endian). The writer sends, per write::
                   length u64 | tag i64
     region_id bytes, token bytes, then ``length`` payload bytes
 
-and the owner answers with one ACK frame: status u8 (0 ok, 1 denied, 2 error) | tag i64 |
-message length u16 | message bytes. A write is acknowledged only after all its bytes are in
-the region and ``on_write`` has run, so a connection that dies mid-payload leaves no counted
-write. A refused write's payload is drained (not stored) so that the connection stays usable.
+and the owner answers with one ACK frame: status u8 (0 ok, 1 denied, 2 error, 3 corrupt) |
+tag i64 | message length u16 | message bytes (for 3: the ChecksumMismatch's wire map as JSON,
+so the sender learns which chunks to send again). A write is acknowledged only after all its
+bytes are in the region and ``on_write`` has run, so a connection that dies mid-payload leaves
+no counted write.
+
+Sealing. A write is checked when its header is complete, *before* any payload byte lands: the
+token must be one the owner granted and has not revoked (:meth:`TcpRegionServer.grant`,
+:meth:`~TcpRegionServer.revoke`), the range must be inside the region, and the region's
+``admit`` callback (the executor's: "only a chunk of a block that is not yet verified") must
+accept it. A refused write's payload goes to a scratch buffer, never the region: up to
+``_MAX_DRAIN`` bytes are drained so that the connection stays usable, a larger claim gets its
+refusal and the connection is closed (a header claiming 2^62 bytes costs nothing).
+
+Timeouts (every connection, checked about once a second): a header must arrive whole within
+``header_timeout_s`` of its first byte, a payload may not stall for ``read_timeout_s``, and a
+connection with no frame in progress is closed after ``idle_timeout_s`` (a writer notices
+and reconnects before its next write). Time the owner itself spends in ``on_write`` counts
+against none of them.
 
 The owner is an :class:`asyncio.BufferedProtocol`: for the payload it hands the event loop a
 ``memoryview`` slice of the region itself, so the kernel copies socket bytes directly into
@@ -30,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import os
 import secrets
 import socket
@@ -41,16 +57,28 @@ from typing import Any, Protocol, TypeVar, cast
 
 import structlog
 
-from shared.errors import ConfigError, RegionAccessDenied, TransportError
-from shared.transport.base import OnWrite, RegionDescriptor
+from shared.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    LScaleError,
+    RegionAccessDenied,
+    TransportError,
+    error_from_wire,
+)
+from shared.transport.base import Admit, OnWrite, RegionDescriptor
 
 log = structlog.get_logger("transport.tcp")
 
 MAGIC = b"LSW1"
 WRITE_HEADER = struct.Struct("<4sHHQQq")
 ACK = struct.Struct("<BqH")
-STATUS_OK, STATUS_DENIED, STATUS_ERROR = 0, 1, 2
+STATUS_OK, STATUS_DENIED, STATUS_ERROR, STATUS_CORRUPT = 0, 1, 2, 3
 _DRAIN_CHUNK = 1 << 20
+_MAX_DRAIN = 64 << 20  # a refused write larger than this closes the connection instead
+HEADER_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 300.0
+_REAP_INTERVAL_S = 1.0
 _MAX_ID = 1024
 SEND_RATE_ENV = "LSCALE_SEND_RATE_MBIT"
 _MIN_SLICE = 16 * 1024
@@ -111,7 +139,8 @@ class _Region:
     region_id: str
     buffer: memoryview
     on_write: OnWrite
-    token: str
+    tokens: set[str]
+    admit: Admit | None = None
 
 
 async def run_on_write(on_write: OnWrite, region_id: str, offset: int, length: int,
@@ -123,25 +152,75 @@ async def run_on_write(on_write: OnWrite, region_id: str, offset: int, length: i
 
 class ExposedRegion(Protocol):
     buffer: memoryview
-    token: str
+    tokens: set[str]
+    admit: Admit | None
 
 
 R = TypeVar("R", bound=ExposedRegion)
 
 
+def token_ok(granted: set[str], token: str) -> bool:
+    """Whether ``token`` is one of ``granted`` (constant time per comparison)."""
+    given = token.encode()
+    # compare against every grant, never stopping early, so timing says nothing of which
+    return bool(token) and sum(secrets.compare_digest(t.encode(), given)
+                               for t in list(granted)) > 0
+
+
 def check_write(regions: Mapping[str, R], region_id: str, token: str, offset: int,
-                length: int) -> R:
-    """The region a write may go to, or :class:`RegionAccessDenied` saying why not."""
+                length: int, tag: int | None = None) -> R:
+    """The region a write may go to, or :class:`RegionAccessDenied` saying why not.
+
+    With ``tag`` (a write about to land, not a handshake) the region's ``admit`` is asked too.
+    """
     region = regions.get(region_id)
     if region is None:
         raise RegionAccessDenied(f"unknown region {region_id!r}")
-    if not secrets.compare_digest(region.token.encode(), token.encode()):
-        raise RegionAccessDenied(f"bad token for region {region_id!r}")
+    if not token_ok(region.tokens, token):
+        raise RegionAccessDenied(f"no valid write grant for region {region_id!r} (a bad, "
+                                 "revoked or sealed region's token)")
     if offset < 0 or length < 0 or offset + length > len(region.buffer):
         raise RegionAccessDenied(
             f"write [{offset}, {offset + length}) outside region {region_id!r} of "
             f"{len(region.buffer)} bytes")
+    if tag is not None and region.admit is not None:
+        reason = region.admit(offset, length, tag)
+        if reason:
+            raise RegionAccessDenied(f"region {region_id!r} refuses the write: {reason}")
     return region
+
+
+def corrupt_ack_message(exc: ChecksumMismatch) -> str:
+    return json.dumps(exc.to_wire())
+
+
+def corrupt_from_ack(message: str) -> LScaleError:
+    try:
+        wire = json.loads(message)
+    except ValueError:
+        return ChecksumMismatch(message)
+    return error_from_wire(wire) if isinstance(wire, dict) else ChecksumMismatch(message)
+
+
+def grant_token(regions: Mapping[str, R], region_id: str) -> str:
+    """A new write token for the region (kept until revoked)."""
+    region = regions.get(region_id)
+    if region is None:
+        raise RegionAccessDenied(f"unknown region {region_id!r}")
+    token = secrets.token_hex(16)
+    region.tokens.add(token)
+    return token
+
+
+def revoke_tokens(regions: Mapping[str, R], region_id: str, token: str | None) -> None:
+    """Revoke one token, or (None) every token: the region is then read-only to writers."""
+    region = regions.get(region_id)
+    if region is None:
+        return
+    if token is None:
+        region.tokens.clear()
+    else:
+        region.tokens.discard(token)
 
 
 class _WriteReceiver(asyncio.BufferedProtocol):
@@ -154,6 +233,9 @@ class _WriteReceiver(asyncio.BufferedProtocol):
         self._fixed = bytearray(WRITE_HEADER.size)
         self._names = bytearray()
         self._scratch = bytearray(min(_DRAIN_CHUNK, 1 << 16))
+        self.last_activity = time.monotonic()
+        self.header_started = 0.0
+        self.waiting = False  # on_write is running: the owner's time, not the writer's
         self._reset()
 
     def _reset(self) -> None:
@@ -194,6 +276,10 @@ class _WriteReceiver(asyncio.BufferedProtocol):
         return memoryview(self._scratch)[:min(remaining, len(self._scratch))]
 
     def buffer_updated(self, nbytes: int) -> None:
+        now = time.monotonic()
+        if self.state == "fixed" and self.filled == 0:
+            self.header_started = now
+        self.last_activity = now
         self.filled += nbytes
         if self.state == "fixed" and self.filled == len(self._fixed):
             self._parse_fixed()
@@ -204,6 +290,23 @@ class _WriteReceiver(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         return None
+
+    def overdue(self, now: float) -> str:
+        """Why this connection should be closed now ("" when it should not)."""
+        server = self.server
+        if self.waiting:
+            return ""
+        if self.state == "fixed" and self.filled == 0:
+            if now - self.last_activity > server.idle_timeout_s:
+                return f"idle for over {server.idle_timeout_s:g} s"
+            return ""
+        if self.state in ("fixed", "names"):
+            if now - self.header_started > server.header_timeout_s:
+                return f"header not complete within {server.header_timeout_s:g} s"
+            return ""
+        if now - self.last_activity > server.read_timeout_s:
+            return f"payload stalled for over {server.read_timeout_s:g} s"
+        return ""
 
     # -- frame handling ----------------------------------------------------------------------
     def _parse_fixed(self) -> None:
@@ -225,12 +328,18 @@ class _WriteReceiver(asyncio.BufferedProtocol):
         token = self._names[self.id_len:].decode(errors="replace")
         try:
             self.region = check_write(self.server._regions, region_id, token, self.offset,
-                                      self.length)
+                                      self.length, self.tag)
         except RegionAccessDenied as exc:
             self.denied = exc
             self.region = None
             log.warning("write refused", peer=str(self.peer), region=region_id,
                         offset=self.offset, length=self.length, reason=exc.message)
+            if self.length > _MAX_DRAIN:
+                # not worth draining: refuse and hang up (the claim may be 2^62 bytes)
+                assert self.transport is not None
+                self._ack(STATUS_DENIED, self.tag, exc.message)
+                self.transport.close()
+                return
         self.state, self.filled = "payload", 0
         if self.length == 0:
             self._payload_done()
@@ -248,6 +357,7 @@ class _WriteReceiver(asyncio.BufferedProtocol):
             return
         # hold further frames until on_write has run, so acks stay in order
         self.transport.pause_reading()
+        self.waiting = True
         task = asyncio.get_running_loop().create_task(
             self._complete(region, offset, length, tag))
         self.server._tasks.add(task)
@@ -256,11 +366,15 @@ class _WriteReceiver(asyncio.BufferedProtocol):
     async def _complete(self, region: _Region, offset: int, length: int, tag: int) -> None:
         try:
             await run_on_write(region.on_write, region.region_id, offset, length, tag)
+        except ChecksumMismatch as exc:
+            self._ack(STATUS_CORRUPT, tag, corrupt_ack_message(exc))
         except Exception as exc:
             log.exception("on_write failed", region=region.region_id, tag=tag)
             self._ack(STATUS_ERROR, tag, f"on_write failed: {exc}")
         else:
             self._ack(STATUS_OK, tag, "")
+        self.waiting = False
+        self.last_activity = time.monotonic()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -277,37 +391,69 @@ class TcpRegionServer:
     transport_name = "tcp"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 advertise_host: str | None = None) -> None:
+                 advertise_host: str | None = None, *,
+                 header_timeout_s: float = HEADER_TIMEOUT_S,
+                 read_timeout_s: float = READ_TIMEOUT_S,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.host, self.port = host, port
         self.advertise_host = advertise_host or host
+        self.header_timeout_s = header_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self._regions: dict[str, _Region] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[_WriteReceiver] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self.timed_out = 0  # connections closed by a timeout
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _WriteReceiver(self), self.host,
                                                 self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._reaper = loop.create_task(self._reap())
         log.debug("tcp region server listening", host=self.host, port=self.port)
 
-    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite) -> RegionDescriptor:
+    async def _reap(self) -> None:
+        interval = min(_REAP_INTERVAL_S, self.header_timeout_s, self.read_timeout_s,
+                       self.idle_timeout_s)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                why = conn.overdue(now)
+                if why and conn.transport is not None and not conn.transport.is_closing():
+                    self.timed_out += 1
+                    log.warning("data-plane connection closed", peer=str(conn.peer), reason=why)
+                    conn.transport.close()
+
+    def expose(self, region_id: str, buffer: memoryview, on_write: OnWrite,
+               admit: Admit | None = None) -> RegionDescriptor:
         if self._server is None:
             raise TransportError("region server not started")
         view = memoryview(buffer).cast("B")
         if view.readonly:
             raise TransportError(f"region {region_id!r}: buffer is read-only")
         token = secrets.token_hex(16)
-        self._regions[region_id] = _Region(region_id, view, on_write, token)
+        self._regions[region_id] = _Region(region_id, view, on_write, {token}, admit)
         return RegionDescriptor(transport="tcp", region_id=region_id, size=len(view),
                                 token=token,
                                 address={"host": self.advertise_host, "port": self.port})
+
+    def grant(self, region_id: str) -> str:
+        return grant_token(self._regions, region_id)
+
+    def revoke(self, region_id: str, token: str | None = None) -> None:
+        revoke_tokens(self._regions, region_id, token)
 
     def withdraw(self, region_id: str) -> None:
         self._regions.pop(region_id, None)
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         if self._server is not None:
             self._server.close()
             for conn in list(self._connections):
@@ -368,6 +514,12 @@ class TcpRegionWriter:
         async with self._lock:
             if self._sock is None:
                 raise TransportError("writer is closed")
+            if _peer_hung_up(self._sock):
+                # the owner closed an idle connection (its idle timeout): no frame was in
+                # flight, so a fresh connection loses nothing
+                self._drop()
+                await self.connect()
+                assert self._sock is not None
             try:
                 await asyncio.wait_for(self._exchange(self._sock, offset, view, tag),
                                        self.timeout_s)
@@ -391,6 +543,8 @@ class TcpRegionWriter:
             raise TransportError(f"ack for tag {acked_tag}, expected {tag}")
         if status == STATUS_DENIED:
             raise RegionAccessDenied(message)
+        if status == STATUS_CORRUPT:
+            raise corrupt_from_ack(message)
         if status != STATUS_OK:
             raise TransportError(message or "owner failed the write")
 
@@ -416,6 +570,16 @@ class TcpRegionWriter:
     async def close(self) -> None:
         async with self._lock:
             self._drop()
+
+
+def _peer_hung_up(sock: socket.socket) -> bool:
+    """Whether the other side closed the connection (a pending EOF), without reading data."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 async def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -68,6 +68,7 @@ class FakeExecutor:
         self.assigns: list[AssignModel] = []
         self.releases: list[tuple[ReleaseModel, list[str]]] = []
         self.status_asked = 0
+        self.grants = 0
         self._handle: Any = None
         self._task: asyncio.Task[None] | None = None
 
@@ -118,7 +119,14 @@ class FakeExecutor:
             return ExecutorStatus(executor_id=self.id, device="cpu", model=self.model,
                                   num_layers=NUM_LAYERS if self.model else 0,
                                   ready_layers=self.ready_layers, host_copies=self.host_copies,
-                                  region=self.region() if self.model else {})
+                                  # as the real one's: a status reply never carries a token
+                                  region={**self.region(), "token": ""} if self.model else {})
+        if op == "grant":  # a write token for a re-driven multicast (the real one's op)
+            self.grants += 1
+            if self.model != body.get("model"):
+                raise ModelNotFound(f"executor {self.id} is not filling {body.get('model')!r}")
+            return AssignReply(executor_id=self.id, model=self.model, region=self.region(),
+                               ready_layers=self.ready_layers)
         raise InvalidParameter(f"unknown op {op!r}")
 
     async def kill(self) -> None:
@@ -739,8 +747,10 @@ async def test_restarted_scaler_starts_the_multicast_its_predecessor_never_sent(
     request = cluster.transfer.requests[0]
     assert sorted(request["receivers"]) == ["e0", "e1"]
     assert request["sources"] == ["store"] and request["source_tier"] == "store_disk"
-    # the buffers the receivers were assigned (their status), not new ones
+    # the buffers the receivers were assigned (their status), not new ones, with a write
+    # token each receiver granted for this multicast (a status reply carries none)
     assert request["regions"] == {e: cluster.executors[e].region() for e in ("e0", "e1")}
+    assert all(cluster.executors[e].grants == 1 for e in ("e0", "e1"))
     typed = StartTransfer.from_wire(request)
     assert typed.num_blocks == NUM_LAYERS and typed.model == "m"
     await wait_until(lambda: cluster.kinds("scale.multicast.started"), what="started event")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from shared.errors import LayersNotReady
+from shared.errors import ChecksumMismatch, LayersNotReady
 from shared.transport.peer import Block, DataPlanePeer, block_checksum
 
 
@@ -50,8 +50,12 @@ async def test_checksum_mismatch_is_not_marked_ready() -> None:
     await src.start()
     desc = await dst.start()
     src.load(data)
-    for chunk in range(4):
+    for chunk in range(3):
         await src.send_chunk(desc, chunk)
+    # the write that completes the bad block fails, naming the chunks to send again
+    with pytest.raises(ChecksumMismatch) as refused:
+        await src.send_chunk(desc, 3)
+    assert refused.value.details["block"] == 1 and refused.value.details["chunks"] == [2, 3]
     await dst.wait_blocks([0], timeout_s=5)
     with pytest.raises(LayersNotReady):
         await dst.wait_blocks([1], timeout_s=0.2)
