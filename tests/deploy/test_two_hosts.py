@@ -168,6 +168,10 @@ def test_second_hosts_executors_receive_the_model_by_multicast_and_serve(
             ["docker", "inspect", "--format", "{{json .Config.Labels}}", provisioned],
             capture_output=True, text=True, check=True, timeout=30).stdout
         assert f'"com.docker.compose.project":"{name_a}"' in labels
+        env = subprocess.run(["docker", "inspect", "--format", "{{json .Config.Env}}",
+                              provisioned], capture_output=True, text=True, check=True,
+                             timeout=30).stdout
+        assert '"LSCALE_NATS_USER=executor"' in env  # its own identity, never the scaler's
         assert not host_a.containers("executor")  # no fixed replicas on host A
 
         # --- host B: executors only, joining by NATS URL and the executor's password --------
