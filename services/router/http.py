@@ -1,9 +1,17 @@
 """The router's OpenAI-compatible HTTP app (FastAPI), talking to a :class:`RouterBackend`.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}``, ``GET /health``, ``GET /metrics`` (Prometheus text), and the OpenAPI
-spec at ``/openapi.json``. Every error, ours or the framework's, leaves in the OpenAI error
-shape ``{"error": {"message", "type", "param", "code"}}`` with the status of the error class.
+``GET /v1/models/{model}``, vLLM's ``POST /tokenize`` and ``POST /detokenize``, ``GET /health``,
+``GET /metrics`` (Prometheus text), and the OpenAPI spec at ``/openapi.json``. Every response
+carries ``X-Request-Id`` (the client's, when it sent one).
+
+Completions take several prompts, ``n``/``best_of`` choices each (one prefill per prompt),
+``echo`` (with prompt logprobs: lm-eval-harness's loglikelihood requests), ``logprobs`` and
+``stop``; chat takes ``logprobs``/``top_logprobs``, ``n`` and ``stream_options``. The choices
+are assembled in :mod:`services.router.choices`.
+
+Every error, ours or the framework's, leaves in the OpenAI error shape
+``{"error": {"message", "type", "param", "code"}}`` with the status of the error class.
 
 A request's generation is tied to its client: when the client disconnects (before or during
 generation, streaming or not), the backend's ``cancel`` is called. Every wait is bounded: the
@@ -15,9 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +39,23 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.router.backend import ModelInfo, RouterBackend, TokenEvent
+from services.router.backend import (
+    ModelInfo,
+    RouterBackend,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprobs,
+)
+from services.router.choices import (
+    Choice,
+    CompletionLogprobsWriter,
+    LogprobEntry,
+    TokenTexts,
+    best_choices,
+    chat_logprobs,
+    make_choices,
+    prompt_entries,
+)
 from services.router.metrics import CONTENT_TYPE, RouterMetrics
 from services.router.openai_api import (
     SSE_DONE,
@@ -38,22 +63,26 @@ from services.router.openai_api import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
-    TextAssembler,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     chat_prompt_ids,
     codec_for,
-    completion_prompt_ids,
+    completion_prompts,
     error_body,
     error_body_for,
     new_id,
     now_s,
+    render_chat,
     sampling_for,
     sse,
 )
-from shared.errors import EngineError, LScaleError, ModelNotFound, NoCapacity
+from shared.errors import EngineError, InvalidParameter, LScaleError, ModelNotFound, NoCapacity
 
 CLIENT_CLOSED_STATUS = 499  # nginx's convention, and Cancelled.http_status
 
@@ -102,6 +131,68 @@ class _ClientGone(Exception):
     """The HTTP client disconnected."""
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one API request runs: its prompts and their sampling (the same for each prompt
+    but for max_tokens, which each prompt's room in the context bounds)."""
+
+    body: CompletionRequest | ChatCompletionRequest
+    prompts: list[list[int]]
+    sampling: SamplingParams
+    tokenizer: Any
+    started: float
+
+    @property
+    def width(self) -> int:
+        """Sequences generated per prompt (best_of, else n)."""
+        return self.sampling.num_sequences
+
+    @property
+    def n(self) -> int:
+        """Choices returned per prompt."""
+        return self.sampling.n
+
+    def top_logprobs(self) -> int | None:
+        """How many top tokens the answer lists per position; None: no logprobs."""
+        body = self.body
+        if isinstance(body, ChatCompletionRequest):
+            return (body.top_logprobs or 0) if body.logprobs else None
+        return body.logprobs
+
+
+async def _merged(streams: list[AsyncIterator[TokenEvent]], width: int
+                  ) -> AsyncIterator[TokenEvent]:
+    """The events of several prompts' generations as they come, sequence ``j`` of prompt
+    ``i`` renumbered ``i * width + j``; the first error ends it (and the others)."""
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, events: AsyncIterator[TokenEvent]) -> None:
+        try:
+            async for event in events:
+                queue.put_nowait((i, event))
+            queue.put_nowait((i, None))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield dataclasses.replace(item, index=i * width + item.index)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _Generation:
     """One backend generation, watched for client disconnects and stalls.
 
@@ -116,12 +207,12 @@ class _Generation:
         backend: RouterBackend,
         request: Request,
         events: AsyncIterator[TokenEvent],
-        request_id: str,
+        request_ids: Sequence[str],
         config: ApiConfig,
     ) -> None:
         self._backend = backend
         self._events = events
-        self._request_id = request_id
+        self._request_ids = list(request_ids)
         self._config = config
         self._first = True
         self._finished = False
@@ -184,7 +275,8 @@ class _Generation:
                 await self._watcher
             if not self._finished:
                 with anyio.move_on_after(5.0):
-                    await self._backend.cancel(self._request_id)
+                    for request_id in self._request_ids:
+                        await self._backend.cancel(request_id)
             with contextlib.suppress(BaseException):
                 await self._events.aclose()  # type: ignore[attr-defined]
 
@@ -206,6 +298,42 @@ class _BodyLimit:
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+class _RequestIdHeader:
+    """Every response carries ``X-Request-Id``: the client's own when it sent one (vLLM's
+    ``--enable-request-id-headers`` convention; the openai SDK reads it into
+    ``response._request_id``), else a fresh id. Pure ASGI: one header added to the start
+    message, no per-request task or buffering."""
+
+    _HEADER = b"x-request-id"
+    _MAX_LEN = 200  # a client's id is echoed only when it is a sane header value
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        for name, value in scope.get("headers", ()):
+            if name == self._HEADER:
+                if 0 < len(value) <= self._MAX_LEN and value.isascii() \
+                        and value.decode().isprintable():
+                    request_id = value
+                break
+        if not request_id:
+            request_id = new_id("req").encode()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                headers.append((self._HEADER, request_id))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class _CoalescingTransport:
@@ -294,6 +422,7 @@ def create_app(
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.metrics = stats
     app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(_RequestIdHeader)
 
     bearer = HTTPBearer(auto_error=False, description="API key, when the router has keys.")
 
@@ -400,20 +529,29 @@ def create_app(
 
     async def start(
         request: Request, body: CompletionRequest | ChatCompletionRequest
-    ) -> tuple[_Generation, TokenEvent | None, int, Any, float]:
+    ) -> tuple[_Generation, TokenEvent | None, _Job]:
         started = time.monotonic()
         request.state.model = body.model
         info = await find_model(body.model)
         tokenizer = await backend.tokenizer(body.model)
         if isinstance(body, CompletionRequest):
-            prompt_ids = completion_prompt_ids(body, tokenizer)
+            prompts = completion_prompts(body, tokenizer)
         else:
-            prompt_ids = chat_prompt_ids(body, tokenizer)
+            prompts = [chat_prompt_ids(body, tokenizer)]
         eos = codec_for(tokenizer).eos_token_id
-        sampling = sampling_for(body, len(prompt_ids), info.max_context, () if eos is None else (eos,))
-        request_id = new_id("req")
-        events = backend.generate(body.model, prompt_ids, sampling, request_id)
-        generation = _Generation(backend, request, events, request_id, cfg)
+        stop_ids = () if eos is None else (eos,)
+        samplings = [sampling_for(body, len(p), info.max_context, stop_ids) for p in prompts]
+        job = _Job(body, prompts, samplings[0], tokenizer, started)
+        base_id = new_id("req")
+        if len(prompts) == 1:
+            ids = [base_id]
+            events = backend.generate(body.model, prompts[0], samplings[0], base_id)
+        else:  # several prompts run side by side; choice i*width + j is prompt i's sequence j
+            ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+            events = _merged([backend.generate(body.model, p, sp, rid)
+                              for p, sp, rid in zip(prompts, samplings, ids, strict=True)],
+                             job.width)
+        generation = _Generation(backend, request, events, ids, cfg)
         try:
             first = await generation.next()
         except _ClientGone:
@@ -423,94 +561,200 @@ def create_app(
         except BaseException:
             await generation.close()
             raise
-        stats.tokens.inc({"model": body.model, "kind": "prompt"}, len(prompt_ids))
-        return generation, first, len(prompt_ids), tokenizer, started
+        prompt_tokens = sum(len(p) for p in prompts)
+        stats.tokens.inc({"model": body.model, "kind": "prompt"}, prompt_tokens)
+        stats.vllm_prompt_tokens.inc({"model_name": body.model}, prompt_tokens)
+        return generation, first, job
 
-    async def run(
-        request: Request,
-        body: CompletionRequest | ChatCompletionRequest,
-        render_full: Callable[[str, str, str | None, Usage], dict[str, Any]],
-        render_chunk: Callable[[str, str, str | None, bool], dict[str, Any]],
-    ) -> Response:
+    async def run(request: Request, body: CompletionRequest | ChatCompletionRequest) -> Response:
         try:
-            generation, first, prompt_len, tokenizer, started = await start(request, body)
+            generation, first, job = await start(request, body)
         except _ClientGone:
             return Response(status_code=CLIENT_CLOSED_STATUS)
-        response_id = new_id("chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl")
-        assembler = TextAssembler(tokenizer, body.stop_sequences())
+        chat = isinstance(body, ChatCompletionRequest)
+        response_id = new_id("chatcmpl" if chat else "cmpl")
+        created = now_s()
         model = body.model
-        labels = {"model": model}
-        stats.ttft.observe(labels, time.monotonic() - started)
+        labels, vllm_labels = {"model": model}, {"model_name": model}
+        ttft = time.monotonic() - job.started
+        stats.ttft.observe(labels, ttft)
+        stats.vllm_ttft.observe(vllm_labels, ttft)
+        texts = TokenTexts(job.tokenizer)
+        echo = isinstance(body, CompletionRequest) and bool(body.echo)
+        discard = isinstance(body, CompletionRequest) and body.max_tokens == 0
+        choices: list[Choice] = []
+        for p in range(len(job.prompts)):
+            choices.extend(make_choices(job.tokenizer, job.width, body.stop_sequences(),
+                                        first_index=p * job.width,
+                                        min_tokens=job.sampling.min_tokens, discard=discard))
+        prompt_lps: dict[int, Sequence[TokenLogprobs | None]] = {}
+        want_top = job.top_logprobs()
+        started_choices: set[int] = set()
 
-        def step(event: TokenEvent | None) -> tuple[str, str | None]:
-            """One event's (text delta, finish reason or None); None: the events ended."""
-            if event is None:
-                return assembler.finish(), "stop"
-            delta = assembler.push(event.token_id)
-            if assembler.stopped:
-                return delta, "stop"  # close() cancels the rest of the generation
-            if event.finish_reason is not None:
-                generation.mark_finished()
-                return delta + assembler.finish(), event.finish_reason
-            return delta, None
+        def step(event: TokenEvent) -> Choice | None:
+            if not 0 <= event.index < len(choices):
+                return None
+            if event.prompt_logprobs is not None:
+                prompt_lps[event.index // job.width] = event.prompt_logprobs
+            return choices[event.index]
 
-        def usage(count: int) -> Usage:
-            return Usage(prompt_tokens=prompt_len, completion_tokens=count,
-                         total_tokens=prompt_len + count)
+        def natural_end() -> bool:
+            """Every choice ended by its sequence's own last event (nothing left to cancel)."""
+            return all(c.done and not c.assembler.stopped for c in choices)
 
-        def finished(count: int, status: int | None) -> None:
+        def usage() -> Usage:
+            completion = sum(0 if c.discard else c.count for c in choices)
+            prompt = sum(len(p) for p in job.prompts)
+            return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                         total_tokens=prompt + completion)
+
+        def finished(status: int | None) -> None:
             """Record the request; status None: an exception handler will record it."""
+            count = sum(0 if c.discard else c.count for c in choices)
+            elapsed = time.monotonic() - job.started
             stats.tokens.inc({"model": model, "kind": "completion"}, count)
-            stats.e2e.observe(labels, time.monotonic() - started)
+            stats.vllm_generation_tokens.inc(vllm_labels, count)
+            stats.e2e.observe(labels, elapsed)
+            stats.vllm_e2e.observe(vllm_labels, elapsed)
+            if count > 1:
+                stats.vllm_tpot.observe(vllm_labels, (elapsed - ttft) / (count - 1))
             if status is not None:
                 record(request, status)
 
+        def echo_text(prompt_index: int) -> str:
+            prompt = body.prompt if isinstance(body, CompletionRequest) else None
+            if isinstance(prompt, str):
+                return prompt
+            if isinstance(prompt, list) and prompt and isinstance(prompt[prompt_index], str):
+                return str(prompt[prompt_index])
+            return codec_for(job.tokenizer).decode(job.prompts[prompt_index])
+
+        def completion_logprobs(choice: Choice, entries: Sequence[LogprobEntry],
+                                writer: CompletionLogprobsWriter) -> dict[str, Any] | None:
+            return None if want_top is None else writer.render(entries)
+
         if not body.stream:
-            text: list[str] = []
-            count = 0
             event = first
             try:
-                while True:
-                    if event is not None:
-                        count += 1
-                    delta, reason = step(event)
-                    text.append(delta)
-                    if reason is not None:
+                while event is not None:
+                    target = step(event)
+                    if target is not None:
+                        target.push(event)
+                    if all(c.done for c in choices):
+                        if natural_end():
+                            generation.mark_finished()
                         break
                     event = await generation.next()
+                for choice in choices:
+                    choice.end()
             except _ClientGone:
-                finished(count, CLIENT_CLOSED_STATUS)
+                finished(CLIENT_CLOSED_STATUS)
                 return Response(status_code=CLIENT_CLOSED_STATUS)
             except LScaleError:
-                finished(count, None)
+                finished(None)
                 raise
             finally:
                 await generation.close()
-            finished(count, 200)
-            return JSONResponse(render_full(response_id, "".join(text), reason, usage(count)))
+            finished(200)
+            kept = choices
+            if job.width > job.n:
+                kept = [c for p in range(len(job.prompts)) for c in
+                        best_choices(choices[p * job.width:(p + 1) * job.width], job.n)]
+            rendered: list[dict[str, Any]] = []
+            for out_index, choice in enumerate(kept):
+                prompt_index = choice.index // job.width
+                choice.take_logprobs()
+                if chat:
+                    lp: dict[str, Any] | None = None
+                    if want_top is not None:
+                        lp = {"content": chat_logprobs(texts, choice.entries, want_top)}
+                    rendered.append({"index": out_index,
+                                     "message": {"role": "assistant", "content": choice.text},
+                                     "logprobs": lp, "finish_reason": choice.finish_reason})
+                    continue
+                entries = list(choice.entries)
+                text = choice.text
+                if echo:
+                    text = echo_text(prompt_index) + text
+                    entries = prompt_entries(job.prompts[prompt_index],
+                                             prompt_lps.get(prompt_index)) + entries
+                writer = CompletionLogprobsWriter(texts, want_top or 0)
+                rendered.append({"index": out_index, "text": text,
+                                 "logprobs": completion_logprobs(choice, entries, writer),
+                                 "finish_reason": choice.finish_reason})
+            # the shapes of (Chat)CompletionResponse, built directly (on every request's path)
+            return JSONResponse({
+                "id": response_id, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": model, "choices": rendered,
+                "usage": usage().model_dump()})
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writers = [CompletionLogprobsWriter(texts, want_top or 0) for _ in choices]
+        chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice: Choice, delta: str, entries: Sequence[LogprobEntry],
+                  reason: str | None, role: bool = False) -> str:
+            lp: dict[str, Any] | None = None
+            if chat:
+                content: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+                if delta:
+                    content["content"] = delta
+                if want_top is not None and entries:
+                    lp = {"content": chat_logprobs(texts, entries, want_top)}
+                item = {"index": choice.index, "delta": content, "logprobs": lp,
+                        "finish_reason": reason}
+            else:
+                if want_top is not None and entries:
+                    lp = writers[choice.index].render(entries)
+                item = {"index": choice.index, "text": delta, "logprobs": lp,
+                        "finish_reason": reason}
+            return sse({"id": response_id, "object": chunk_object, "created": created,
+                        "model": model, "choices": [item]})
+
+        def first_of(choice: Choice) -> list[str]:
+            """What precedes a choice's first token: chat's role, completions' echo."""
+            if choice.index in started_choices:
+                return []
+            started_choices.add(choice.index)
+            if chat:
+                return [chunk(choice, "", (), None, role=True)]
+            if echo:
+                prompt_index = choice.index // job.width
+                entries = prompt_entries(job.prompts[prompt_index], prompt_lps.get(prompt_index))
+                return [chunk(choice, echo_text(prompt_index), entries, None)]
+            return []
 
         async def stream() -> AsyncIterator[str]:
-            count, status = 0, 200
+            status = 200
             event = first
             try:
-                if isinstance(body, ChatCompletionRequest):  # the role comes first
-                    yield sse(render_chunk(response_id, "", None, True))
-                while True:
-                    if event is not None:
-                        count += 1
-                    delta, reason = step(event)
-                    if delta or reason:
-                        yield sse(render_chunk(response_id, delta, reason, False))
-                    if reason is not None:
+                if chat:  # the role comes first, for every choice
+                    for choice in choices:
+                        for line in first_of(choice):
+                            yield line
+                while event is not None:
+                    target = step(event)
+                    if target is not None and not target.done:
+                        for line in first_of(target):
+                            yield line
+                        delta = target.push(event)
+                        if delta or target.done:
+                            yield chunk(target, delta, target.take_logprobs(),
+                                        target.finish_reason)
+                    if all(c.done for c in choices):
+                        if natural_end():
+                            generation.mark_finished()
                         break
                     event = await generation.next()
+                for choice in choices:
+                    if not choice.done:
+                        for line in first_of(choice):
+                            yield line
+                        delta = choice.end()
+                        yield chunk(choice, delta, choice.take_logprobs(), choice.finish_reason)
                 if include_usage:
-                    chunk = render_chunk(response_id, "", None, False)
-                    chunk["choices"] = []
-                    chunk["usage"] = usage(count).model_dump()
-                    yield sse(chunk)
+                    yield sse({"id": response_id, "object": chunk_object, "created": created,
+                               "model": model, "choices": [], "usage": usage().model_dump()})
                 yield SSE_DONE
             except _ClientGone:
                 status = CLIENT_CLOSED_STATUS
@@ -522,7 +766,7 @@ def create_app(
                 raise
             finally:
                 await generation.close()
-                finished(count, status)
+                finished(status)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream",
@@ -532,42 +776,44 @@ def create_app(
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=guarded,
               responses=_stream_response(CompletionResponse))
     async def completions(request: Request, body: CompletionRequest) -> Response:
-        created = now_s()
-
-        def full(rid: str, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
-            # the shape of CompletionResponse, built directly (this is on every request's path)
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": body.model, "choices": [choice], "usage": usage.model_dump()}
-
-        def chunk(rid: str, text: str, reason: str | None, first: bool) -> dict[str, Any]:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            return {"id": rid, "object": "text_completion", "created": created,
-                    "model": body.model, "choices": [choice]}
-
-        return await run(request, body, full, chunk)
+        return await run(request, body)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
               dependencies=guarded, responses=_stream_response(ChatCompletionResponse))
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        created = now_s()
+        return await run(request, body)
 
-        def full(rid: str, text: str, reason: str | None, usage: Usage) -> dict[str, Any]:
-            # the shape of ChatCompletionResponse, built directly
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": reason}
-            return {"id": rid, "object": "chat.completion", "created": created,
-                    "model": body.model, "choices": [choice], "usage": usage.model_dump()}
+    # --- tokenizing (vLLM's endpoints) ----------------------------------------------------------
 
-        def chunk(rid: str, text: str, reason: str | None, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            return {"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": body.model, "choices": [choice]}
+    @app.post("/tokenize", response_model=TokenizeResponse, dependencies=guarded,
+              responses=_ERROR_RESPONSES)
+    async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+        request.state.model = body.model
+        info = await find_model(body.model)
+        tokenizer = await backend.tokenizer(body.model)
+        if body.messages is not None:
+            ids = render_chat(body.messages, tokenizer, body.add_generation_prompt)
+        else:
+            ids = codec_for(tokenizer).encode(body.prompt or "",
+                                              add_special_tokens=body.add_special_tokens)
+        texts = TokenTexts(tokenizer) if body.return_token_strs else None
+        record(request, 200)
+        return TokenizeResponse(count=len(ids), max_model_len=info.max_context, tokens=ids,
+                                token_strs=[texts(t) for t in ids] if texts else None)
 
-        return await run(request, body, full, chunk)
+    @app.post("/detokenize", response_model=DetokenizeResponse, dependencies=guarded,
+              responses=_ERROR_RESPONSES)
+    async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+        request.state.model = body.model
+        await find_model(body.model)
+        tokenizer = await backend.tokenizer(body.model)
+        vocab = len(codec_for(tokenizer))
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise InvalidParameter(f"token ids must be in 0..{vocab - 1}; got {bad[0]}",
+                                   param="tokens")
+        record(request, 200)
+        return DetokenizeResponse(prompt=codec_for(tokenizer).decode(list(body.tokens)))
 
     def openapi() -> dict[str, Any]:
         # FastAPI documents a 422 for every body; this app answers validation errors with a

@@ -3,6 +3,12 @@
 Written here rather than with ``prometheus_client`` to avoid a dependency for three metric
 kinds: counters and histograms the app updates, and gauges read from the backend's snapshot
 at scrape time.
+
+Beside our ``lscale_router_*`` figures the router exports vLLM's names for the same things
+(``vllm:time_to_first_token_seconds``, ``vllm:e2e_request_latency_seconds``,
+``vllm:time_per_output_token_seconds``, ``vllm:prompt_tokens_total``,
+``vllm:generation_tokens_total``, ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+label ``model_name``), so dashboards written for vLLM's ``/metrics`` work unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS_S", "Counter", "Histogram", "RouterM
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )
+
+# per-output-token latencies are milliseconds, not seconds
+TOKEN_LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+)
+
 
 class Counter:
     def __init__(self, name: str, help_text: str) -> None:
@@ -88,10 +100,25 @@ class RouterMetrics:
         self.e2e = Histogram(
             "lscale_router_request_duration_seconds", "Time from request to its last token."
         )
+        # vLLM's names (label model_name)
+        self.vllm_ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.")
+        self.vllm_e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in "
+            "seconds.")
+        self.vllm_tpot = Histogram(
+            "vllm:time_per_output_token_seconds", "Histogram of time per output token in "
+            "seconds.", TOKEN_LATENCY_BUCKETS_S)
+        self.vllm_prompt_tokens = Counter(
+            "vllm:prompt_tokens_total", "Number of prefill tokens processed.")
+        self.vllm_generation_tokens = Counter(
+            "vllm:generation_tokens_total", "Number of generation tokens processed.")
 
     def render(self, stats: Mapping[str, ModelStats]) -> str:
         lines: list[str] = []
-        for metric in (self.requests, self.tokens, self.ttft, self.e2e):
+        for metric in (self.requests, self.tokens, self.ttft, self.e2e, self.vllm_ttft,
+                       self.vllm_e2e, self.vllm_tpot, self.vllm_prompt_tokens,
+                       self.vllm_generation_tokens):
             lines.extend(metric.render())
         gauges = (
             ("lscale_router_queue_depth", "Requests waiting for an instance.", "queue_depth"),
@@ -107,4 +134,16 @@ class RouterMetrics:
             for model in sorted(stats):
                 value = float(getattr(stats[model], attr))
                 lines.append(f"{name}{_labels((('model', model),))} {_number(value)}")
+        vllm_gauges = (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.",
+             "outstanding"),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             "queue_depth"),
+        )
+        for name, help_text, attr in vllm_gauges:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} gauge")
+            for model in sorted(stats):
+                value = float(getattr(stats[model], attr))
+                lines.append(f"{name}{_labels((('model_name', model),))} {_number(value)}")
         return "\n".join(lines) + "\n"

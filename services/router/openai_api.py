@@ -20,9 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.router.backend import FinishReason, SamplingParams
 from shared.errors import ContextTooLong, InvalidParameter, LScaleError
-from shared.sampling import SEED_RANGE
+from shared.sampling import MAX_LOGPROBS, MAX_SEQUENCES, SEED_RANGE
 
 MAX_STOP_SEQUENCES = 4
+MAX_PROMPTS = 64  # prompts in one completions request (lm-eval-harness batches them)
 StopText = Annotated[str, Field(min_length=1)]
 
 # --- requests ------------------------------------------------------------------------------
@@ -39,7 +40,8 @@ class _SamplingFields(BaseModel):
     model: str = Field(min_length=1, description="Id of a model listed by GET /v1/models.")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=1, description="Number of choices; only 1 is supported.")
+    n: int | None = Field(None, ge=1, le=MAX_SEQUENCES,
+                          description="Choices to generate from the one prompt (one prefill).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: StopText | list[StopText] | None = Field(
@@ -48,6 +50,12 @@ class _SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM's extra parameters (clients send them in ``extra_body``)
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=2.0, description="transformers' repetition penalty (1: none).")
+    top_k: int | None = Field(None, ge=-1, description="Top-k sampling (0 or -1: off).")
+    min_tokens: int | None = Field(None, ge=0, description="Tokens before EOS may end it.")
+    ignore_eos: bool | None = Field(None, description="Generate past end-of-sequence tokens.")
     logit_bias: dict[str, float] | None = Field(
         None, description="Not supported; must be empty.", json_schema_extra={"maxProperties": 0}
     )
@@ -64,6 +72,9 @@ class _SamplingFields(BaseModel):
             raise ValueError("logit_bias is not supported")
         return self
 
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
     def stop_sequences(self) -> list[str]:
         if self.stop is None:
             return []
@@ -77,23 +88,44 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: Prompt = Field(
-        description="Text, or token ids; a list of several prompts is not supported."
+        description=f"Text or token ids, or a list of up to {MAX_PROMPTS} of either."
     )
-    max_tokens: int | None = Field(16, ge=1, description="Tokens to generate (default 16).")
-    echo: Literal[False] | None = Field(False, description="Not supported; must be false.")
-    logprobs: int | None = Field(None, ge=0, le=0, description="Not supported.")
-    best_of: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    max_tokens: int | None = Field(
+        16, ge=0, description="Tokens to generate (default 16); 0 only with echo (scoring).")
+    echo: bool | None = Field(False, description="Return the prompt before the completion.")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS,
+        description="Log-probabilities of each token and of this many most likely ones.")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_SEQUENCES,
+        description="Generate this many and return the n with the highest log-probability.")
     suffix: str | None = Field(
         None, description="Not supported; must be null or empty.", json_schema_extra={"maxLength": 0}
     )
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def check_combinations(self) -> None:
+        """What one field's constraint cannot say (InvalidParameter naming the parameter)."""
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidParameter("max_tokens 0 is only allowed with echo (scoring a prompt)",
+                                   param="max_tokens")
+        n = self.choices_per_prompt()
+        if self.best_of is not None and self.best_of < n:
+            raise InvalidParameter(f"best_of ({self.best_of}) must be at least n ({n})",
+                                   param="best_of")
+        if self.stream and self.best_of is not None and self.best_of > n:
+            raise InvalidParameter("best_of larger than n cannot be streamed", param="best_of")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"] = Field(
+        description="json_object and json_schema are not supported (no constrained decoding).")
 
 
 class TextPart(BaseModel):
@@ -124,16 +156,19 @@ class ChatCompletionRequest(_SamplingFields):
         None, ge=1, description="Tokens to generate (default: the rest of the context)."
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
-    logprobs: Literal[False] | None = Field(False, description="Not supported; must be false.")
-    top_logprobs: int | None = Field(None, ge=0, le=0, description="Not supported.")
+    logprobs: bool | None = Field(False, description="Log-probabilities of the output tokens.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Most likely tokens per position (logprobs).")
     tools: list[dict[str, Any]] | None = Field(
         None, description="Not supported; must be empty.", json_schema_extra={"maxItems": 0}
     )
+    response_format: ResponseFormat | None = Field(
+        None, description="Only {'type': 'text'}: structured output is not built.")
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
             raise ValueError("tools are not supported")
         return self
@@ -151,10 +186,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: parallel lists, one entry per token."""
+
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -172,10 +216,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -199,6 +257,43 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): text, or a conversation rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorDetail(BaseModel):
@@ -263,24 +358,39 @@ def sse(payload: BaseModel | dict[str, Any]) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[int]:
-    """Token ids of a completion prompt: text is tokenized, token ids are checked."""
+def completion_prompts(request: CompletionRequest, tokenizer: Any) -> list[list[int]]:
+    """Token ids of each prompt of a completions request: text is tokenized, ids are checked."""
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise InvalidParameter("only one prompt per request is supported", param="prompt")
-        prompt = prompt[0]  # type: ignore[assignment]
+        if len(prompt) > MAX_PROMPTS:
+            raise InvalidParameter(f"at most {MAX_PROMPTS} prompts per request; got "
+                                   f"{len(prompt)}", param="prompt")
+        return [_prompt_ids(p, tokenizer) for p in prompt]
+    return [_prompt_ids(prompt, tokenizer)]
+
+
+def completion_prompt_ids(request: CompletionRequest, tokenizer: Any) -> list[int]:
+    """Token ids of a completions request's one prompt (InvalidParameter for several)."""
+    prompts = completion_prompts(request, tokenizer)
+    if len(prompts) != 1:
+        raise InvalidParameter("only one prompt is allowed here", param="prompt")
+    return prompts[0]
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidParameter("prompt must not be empty", param="prompt")
         return codec_for(tokenizer).encode(prompt)
-    ids = [t for t in prompt if isinstance(t, int)]
+    if not isinstance(prompt, list):
+        raise InvalidParameter("prompt must be text or a list of token ids", param="prompt")
+    ids = [t for t in prompt if isinstance(t, int) and not isinstance(t, bool)]
     if len(ids) != len(prompt):
         raise InvalidParameter("prompt must be text or a list of token ids", param="prompt")
     if not ids:
         raise InvalidParameter("prompt must not be empty", param="prompt")
     vocab = len(tokenizer)
-    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+    bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise InvalidParameter(
             f"prompt token ids must be in 0..{vocab - 1}; got {bad[0]}", param="prompt"
@@ -296,11 +406,17 @@ DEFAULT_CHAT_TEMPLATE_NOTE = (
 
 def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Any) -> list[int]:
     """Render the conversation with the tokenizer's chat template, or a plain default."""
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    return render_chat(request.messages, tokenizer, True)
+
+
+def render_chat(chat: Sequence[ChatMessage], tokenizer: Any,
+                add_generation_prompt: bool) -> list[int]:
+    """A conversation's token ids: the tokenizer's chat template, or a plain default."""
+    messages = [{"role": m.role, "content": m.text()} for m in chat]
     if getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # a template may reject a conversation (e.g. role order)
             raise InvalidParameter(
@@ -308,7 +424,9 @@ def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Any) -> list[int]
             ) from exc
         ids = codec_for(tokenizer).encode(str(text), add_special_tokens=False)
     else:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        if add_generation_prompt:
+            text += "assistant:"
         ids = codec_for(tokenizer).encode(text)
     if not ids:
         raise InvalidParameter("messages render to an empty prompt", param="messages")
@@ -321,33 +439,60 @@ def sampling_for(
     max_context: int,
     stop_token_ids: Sequence[int],
 ) -> SamplingParams:
-    """Sampling parameters with max_tokens resolved against the context window."""
+    """The engine's parameters for one prompt of a request, max_tokens resolved against the
+    context window. An echo-only request (``max_tokens=0``) runs one token, which the answer
+    leaves out (the engine always generates at least one)."""
+    if isinstance(request, CompletionRequest):
+        request.check_combinations()
     room = max_context - prompt_len
+    chat = isinstance(request, ChatCompletionRequest)
     if room < 1:
         raise ContextTooLong(
             f"the prompt has {prompt_len} tokens; the model's context is {max_context} "
             "tokens, leaving no room to generate",
-            param="prompt" if isinstance(request, CompletionRequest) else "messages",
+            param="messages" if chat else "prompt",
         )
     if isinstance(request, ChatCompletionRequest):
         wanted = request.requested_max_tokens()
         max_tokens = room if wanted is None else wanted
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        prompt_logprobs = None
+        best_of = None
     else:
-        max_tokens = request.max_tokens or 16
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens
+        logprobs = request.logprobs
+        prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None \
+            else None
+        best_of = request.best_of
+        if best_of is not None and best_of > request.choices_per_prompt() and logprobs is None:
+            logprobs = 0  # ranking needs each token's logprob
     if max_tokens > room:
         raise ContextTooLong(
             f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the "
             f"model's context of {max_context} tokens",
             param="max_tokens",
         )
+    min_tokens = request.min_tokens or 0
+    if min_tokens > max(1, max_tokens):
+        raise InvalidParameter(f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})",
+                               param="min_tokens")
     return SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=max(1, max_tokens),
+        min_tokens=min_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=max(0, request.top_k or 0),
         seed=None if request.seed is None else request.seed % (SEED_RANGE[1] + 1),
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if request.repetition_penalty is None
+        else request.repetition_penalty,
         stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=bool(request.ignore_eos),
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        n=request.choices_per_prompt(),
+        best_of=best_of,
     )
 
 
@@ -470,8 +615,9 @@ class TextAssembler:
     grows, so pieces that merge only with later bytes come out right.
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Any, stops: Sequence[str], min_tokens: int = 0) -> None:
         self._codec = codec_for(tokenizer)
+        self._min_tokens = min_tokens  # stop strings count from this many tokens on (vLLM)
         self._stops = [s for s in stops if s]
         self._keep = max((len(s) for s in self._stops), default=1) - 1  # chars a stop may span
         self._ids: list[int] = []
@@ -527,6 +673,8 @@ class TextAssembler:
 
     def _find_stop(self, current: str) -> int | None:
         """The earliest stop sequence in the text (only its recent part can hold a new one)."""
+        if len(self._ids) < self._min_tokens:
+            return None
         best: int | None = None
         for stop in self._stops:
             at = current.find(stop)

@@ -16,7 +16,13 @@ import uvicorn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from services.router.backend import ModelInfo, ModelStats, SamplingParams, TokenEvent
+from services.router.backend import (
+    ModelInfo,
+    ModelStats,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprobs,
+)
 from services.router.http import ApiConfig, create_app, http_protocol
 from shared.errors import ModelNotFound, NoCapacity
 
@@ -99,21 +105,39 @@ class EchoBackend:
         self.started[request_id] = sampling
         self.start_seen.set()
         eos = self.tokenizers[model].eos_token_id
-        source = itertools.cycle(prompt_token_ids)
         limit = self.eos_after.get(model)
+        width = sampling.num_sequences
+        # sequence j repeats the prompt from its j-th token; logprobs are made-up but
+        # deterministic: token t at step i of sequence j has logprob -(t % 7 + 1) / (j + 1)
+        sources = [itertools.islice(itertools.cycle(prompt_token_ids), j, None)
+                   for j in range(width)]
+        prompt_lp: tuple[TokenLogprobs | None, ...] | None = None
+        if sampling.prompt_logprobs is not None:
+            prompt_lp = (None, *(self._logprobs(t, 0, sampling.prompt_logprobs)
+                                 for t in prompt_token_ids[1:]))
         for i in range(sampling.max_tokens):
-            if request_id in self.cancelled:
-                return
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
-            last = i == sampling.max_tokens - 1
+            for j in range(width):
+                if request_id in self.cancelled:
+                    return
+                last = i == sampling.max_tokens - 1
+                token = eos if limit is not None and i == limit else next(sources[j])
+                reason = "stop" if limit is not None and i == limit else (
+                    "length" if last else None)
+                if reason is not None and j == width - 1:
+                    self.finished.append(request_id)
+                lp = None if sampling.logprobs is None else \
+                    self._logprobs(token, j, sampling.logprobs)
+                yield TokenEvent(token, reason, j, lp, prompt_lp if i == 0 and j == 0 else None)
             if limit is not None and i == limit:
-                self.finished.append(request_id)
-                yield TokenEvent(eos, "stop")
                 return
-            if last:
-                self.finished.append(request_id)
-            yield TokenEvent(next(source), "length" if last else None)
+
+    @staticmethod
+    def _logprobs(token: int, seq: int, top: int) -> TokenLogprobs:
+        value = -(token % 7 + 1) / (seq + 1)
+        ranked = [(token, value)] + [(token + k, value - k) for k in range(1, top)]
+        return TokenLogprobs(value, tuple(ranked[:top]))
 
     async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)

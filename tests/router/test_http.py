@@ -206,16 +206,19 @@ def assert_error_shape(body: dict[str, Any], type_: str, code: str | None = None
         ({"top_p": 0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, "n"),
+        # (n, several prompts, echo and logprobs are supported now; these are their limits)
+        ({"n": 65}, "n"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"best_of": 2, "stream": True}, "best_of"),
+        ({"prompt": ["a"] * 65}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": [10**9]}, "prompt"),
         ({"prompt": "hello " * 500}, "prompt"),
         ({"max_tokens": 10_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, None),
-        ({"echo": True}, None),
-        ({"logprobs": 2}, "logprobs"),
+        ({"suffix": "x"}, None),
+        ({"logprobs": 21}, "logprobs"),
     ],
 )
 async def test_bad_parameters_are_400(
