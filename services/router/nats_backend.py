@@ -342,7 +342,7 @@ class NatsBackend:
                     if flight.cancelled:
                         return
                     raise Cancelled(f"executor {item.executor_id} cancelled request {request_id}")
-                if item.finish_reason is not None:  # "error", or one we do not know
+                if item.finish_reason not in (None, "stop", "length"):  # "error", or unknown
                     raise _chunk_error(item)
         finally:
             self._finish(flight, finished)
