@@ -216,7 +216,8 @@ class Bus:
 
         try:
             nc = await nats.connect(
-                url,
+                # "nats://a:1,nats://b:2": every server of a cluster, to fail over between
+                [u.strip() for u in url.split(",") if u.strip()],
                 name=name,
                 connect_timeout=connect_timeout,
                 allow_reconnect=True,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
 from shared import subjects
 from shared.bus import Bus, decode, encode
-from shared.errors import BusError
+from shared.errors import BusError, ConfigError
 
 
 async def bucket(bus: Bus, name: str, *, create: bool = True) -> KeyValue:
@@ -20,12 +22,25 @@ async def bucket(bus: Bus, name: str, *, create: bool = True) -> KeyValue:
     except nats.js.errors.BucketNotFoundError:
         if not create:
             raise
-    except nats.js.errors.Error as exc:
-        raise BusError(f"JetStream unavailable for bucket {name}: {exc}") from exc
+    except (nats.errors.Error, TimeoutError) as exc:  # a JetStream error, or no answer yet
+        raise BusError(f"JetStream unavailable for bucket {name}: {exc!r}") from exc
     try:
-        return await js.create_key_value(bucket=name, history=1)
-    except nats.js.errors.Error as exc:
+        return await js.create_key_value(bucket=name, history=1, replicas=kv_replicas())
+    except (nats.errors.Error, TimeoutError) as exc:
         raise BusError(f"cannot create key-value bucket {name}: {exc}") from exc
+
+
+def kv_replicas() -> int:
+    """Replicas of the buckets a service creates: ``LSCALE_KV_REPLICAS`` (``lscale up
+    --nats-cluster 3`` sets 3, so that losing one server loses no state), default 1."""
+    raw = os.environ.get("LSCALE_KV_REPLICAS", "1")
+    try:
+        replicas = int(raw)
+    except ValueError:
+        raise ConfigError("kv_replicas", f"LSCALE_KV_REPLICAS={raw!r} is not a number") from None
+    if not 1 <= replicas <= 5:  # JetStream's own limit on stream replicas
+        raise ConfigError("kv_replicas", f"LSCALE_KV_REPLICAS={replicas} is not in 1..5")
+    return replicas
 
 
 async def ensure_buckets(bus: Bus) -> None:

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="use this NATS server instead of starting an embedded one")
     up.add_argument("--nats-port", type=int, default=-1,
                     help="port of the embedded NATS server (default: a free port)")
+    up.add_argument("--nats-cluster", type=int, default=1, metavar="N",
+                    help="run N embedded nats-servers as one cluster, JetStream buckets with "
+                         "min(N, 3) replicas (3: losing one server loses nothing; default 1)")
     up.add_argument("--nats-credentials", default=None, metavar="DIR",
                     help="with --nats-url: a folder of <identity>.env files (LSCALE_NATS_* "
                          "lines: scaler, router, model_store, transfer, executor, admin); "
@@ -181,6 +184,50 @@ def _identity_envs(auth_dir: Path | None) -> Callable[[str], dict[str, str]] | N
     return env_of
 
 
+async def _wait_jetstream(nats_url: str, timeout: float, alive: Callable[[], None],
+                          auth: Any = None) -> None:
+    """Create the buckets, retrying while JetStream is not ready (a fresh cluster elects its
+    meta leader first): services that start before would fail to open them."""
+    from shared.bus import Bus
+    from shared.errors import LScaleError
+    from shared.kv import ensure_buckets
+
+    bus = await Bus.connect(nats_url, "lscale-up", auth=auth)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            alive()
+            try:
+                await ensure_buckets(bus)
+                return
+            except LScaleError as exc:
+                if time.monotonic() > deadline:
+                    raise LScaleError(f"JetStream not ready within {timeout:.0f}s: {exc}") from exc
+                await asyncio.sleep(0.5)
+    finally:
+        await bus.close()
+
+
+async def _wait_http_ready(http_url: str, timeout: float, alive: Callable[[], None]) -> str:
+    """Poll the router's ``/ready`` until it answers 200; '' then, else its last answer."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            alive()
+            try:
+                reply = await client.get(f"{http_url}/ready")
+                if reply.status_code == 200:
+                    return ""
+                last = reply.text
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.2)
+    return last
+
+
 async def _wait_ready(nats_url: str, expected: set[str], timeout: float,
                       alive: Callable[[], None], auth: Any = None) -> tuple[set[str], str | None]:
     """Wait until every expected instance id answers discovery as running.
@@ -253,7 +300,7 @@ def _embedded_server(args: argparse.Namespace, state_dir: Path) -> tuple[Any, Pa
     Returns the server, the folder of generated credentials, and the TLS variables every
     client needs (the CA to trust)."""
     from shared.natsauth import AUTH_DIR, ensure_cluster_auth
-    from shared.natsserver import NatsServer
+    from shared.natsserver import NatsCluster
 
     auth_dir: Path | None = None
     auth_config: Path | None = None
@@ -270,8 +317,10 @@ def _embedded_server(args: argparse.Namespace, state_dir: Path) -> tuple[Any, Pa
         tls = material.server_tls()
         tls_env = {"LSCALE_NATS_TLS_CA": str(material.ca_cert)}
     # 8 MiB messages: tokenizer files and pipeline activations exceed NATS' 1 MiB default
-    server = NatsServer(port=args.nats_port, store_dir=state_dir / "nats",
-                        max_payload=NATS_MAX_PAYLOAD, auth_config=auth_config, tls=tls).start()
+    server = NatsCluster(state_dir / "nats", size=args.nats_cluster, port=args.nats_port,
+                         max_payload=NATS_MAX_PAYLOAD, auth_config=auth_config, tls=tls).start()
+    if args.nats_cluster > 1:
+        print(f"lscale: NATS cluster of {args.nats_cluster} servers: {server.url}", flush=True)
     return server, auth_dir, tls_env
 
 
@@ -319,11 +368,16 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from shared.errors import ConfigError, LScaleError
-    from shared.natsserver import NatsServer
+    from shared.natsserver import NatsCluster
     from shared.runtime import run_async
 
     if args.executors < 0:
         raise ConfigError("executors", "must be >= 0")
+    if not 1 <= args.nats_cluster <= 5:
+        raise ConfigError("nats_cluster", f"{args.nats_cluster} servers: choose 1..5")
+    if args.nats_cluster > 1 and args.nats_url:
+        raise ConfigError("nats_cluster", "--nats-cluster runs embedded servers; it cannot be "
+                                          "combined with --nats-url")
     state_dir = Path(args.state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     record = state_dir / CLUSTER_FILE
@@ -336,7 +390,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    server: NatsServer | None = None
+    server: NatsCluster | None = None
     supervisor = Supervisor(state_dir / "logs", report=lambda m: print(f"lscale: {m}", flush=True))
     try:
         auth_dir: Path | None = None
@@ -350,14 +404,25 @@ def cmd_up(args: argparse.Namespace) -> int:
             nats_url = server.url
         identity_env = _identity_envs(auth_dir)
         admin_auth = _admin_auth(auth_dir, tls_env)
+        report = supervisor.report
+
+        def nats_alive() -> None:
+            if server is not None:
+                server.check(report)
+
+        replicas = min(args.nats_cluster, 3)
+        os.environ["LSCALE_KV_REPLICAS"] = str(replicas)  # the buckets we create here
+        run_async(_wait_jetstream(nats_url, args.ready_timeout, nats_alive, admin_auth))
         env = {"LSCALE_NATS_URL": nats_url, "LSCALE_STATE_DIR": str(state_dir),
-               "LSCALE_HTTP_PORT": str(args.http_port), **tls_env}
+               "LSCALE_HTTP_PORT": str(args.http_port), "LSCALE_KV_REPLICAS": str(replicas),
+               **tls_env}
         specs = child_specs(args.executors, env, identity_env)
         for spec in specs:
             supervisor.start(spec)
         print(f"lscale: starting {len(specs)} services (logs in {state_dir / 'logs'})", flush=True)
 
         def alive() -> None:
+            nats_alive()
             supervisor.check()
             if stopping:
                 raise KeyboardInterrupt
@@ -370,6 +435,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_default_model:
             run_async(ensure_default_model(nats_url, state_dir, admin_auth))
         http_url = reported_url or f"http://127.0.0.1:{args.http_port}"
+        # ready means servable: bus up, store reachable, deployments known (the router's word)
+        not_ready = run_async(_wait_http_ready(http_url, args.ready_timeout, alive))
+        if not_ready:
+            raise LScaleError(f"the router at {http_url} is not ready within "
+                              f"{args.ready_timeout:.0f}s: {not_ready}")
         record.write_text(json.dumps({"nats_url": nats_url, "http_url": http_url,
                                       "pid": os.getpid(), "executors": args.executors,
                                       "nats_auth": str(auth_dir) if auth_dir else None}))
@@ -381,8 +451,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("lscale: WARNING: NATS auth is OFF (--no-auth)", flush=True)
         print("lscale: press Ctrl-C to stop", flush=True)
         while not stopping:
+            # nats-server first: the services' reconnects wait for it (0.2 s: an outage of
+            # the only server lasts until it is back, so look often)
+            nats_alive()
             supervisor.check()
-            time.sleep(0.5)
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
