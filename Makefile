@@ -11,7 +11,7 @@ EXECUTORS ?= 2
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck bench clean venv image compose-smoke compose-two-hosts
+.PHONY: run test test-clients lint typecheck bench clean venv image compose-smoke compose-two-hosts
 
 venv: $(STAMP)
 
@@ -47,6 +47,10 @@ compose-smoke: $(STAMP)
 # the second host's executors receive the model by multicast and serve (events printed).
 compose-two-hosts: $(STAMP)
 	LSCALE_IMAGE=$(IMAGE) $(VENV)/bin/pytest -m docker -s -p no:cacheprovider tests/deploy/test_two_hosts.py
+
+# lm-eval-harness (vs its own hf backend) and guidellm, unchanged, against a real lscale up
+test-clients: $(STAMP)
+	$(VENV)/bin/pytest -m clients -p no:cacheprovider tests/cluster/test_clients.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
