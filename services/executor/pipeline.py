@@ -110,6 +110,7 @@ class _Head:
     in_flight: bool = False
     has_row: bool = False
     deadline: float = 0.0
+    index: int = 0  # the sequence, of the request's n
 
     @property
     def key(self) -> tuple[StageSpec, ...]:
@@ -157,7 +158,7 @@ class PipelineWorker:
         self.clock = clock
         self.sampler = TokenSampler(runner.device, runner.config.eos_token_ids)
         self.heads: dict[str, _Head] = {}  # flow -> head request
-        self.head_of: dict[str, str] = {}  # request id -> flow
+        self.head_of: dict[str, list[str]] = {}  # request id -> its flows (one per sequence)
         self.flows: dict[str, _Flow] = {}  # flow -> later-stage state
         self.rows = 0  # KV rows held or promised (heads with rows + later-stage flows)
         self._sampled: collections.deque[float] = collections.deque()  # last-stage tokens
@@ -202,20 +203,24 @@ class PipelineWorker:
         if params.stop:
             raise InvalidParameter("stop strings need a tokenizer; executors take token ids "
                                    "(the router applies stop strings)", field="stop")
-        if params.num_sequences > 1:
-            # forking a KV row would have to happen on every stage at once; the router sends
-            # such requests as one request per sequence to a pipeline instead
-            raise InvalidParameter("a pipeline runs one sequence per request (n = 1)", field="n")
         tokens = check_prompt(list(prompt), self.config.vocab_size)
         check_fits(len(tokens), self.runner.max_seq_len, self.runner.kv.row_len)
         self.runner.check_layers((0, stages[0].stop))
-        flow = f"{request_id}@{self.executor_id}.{next(self._ids)}"
-        head = _Head(request_id, flow, tokens, dict(sampling), reply_to, list(stages),
-                     pending=tokens)
-        self.heads[flow] = head
-        self.head_of[request_id] = flow
+        # several sequences (n/best_of): one flow each. Forking a KV row would have to happen
+        # on every stage at once, so here each flow prefills the prompt itself; flow i's last
+        # stage samples as sequence i (seed + i), the tokens a local engine's fork would give.
+        flows: list[str] = []
+        for index in range(params.num_sequences):
+            flow = f"{request_id}@{self.executor_id}.{next(self._ids)}"
+            wire = dict(sampling)
+            if index > 0:
+                wire["prompt_logprobs"] = None  # sequence 0 carries them
+            self.heads[flow] = _Head(request_id, flow, tokens, wire, reply_to, list(stages),
+                                     pending=tokens, index=index)
+            flows.append(flow)
+        self.head_of[request_id] = flows
         self._wake.set()
-        return flow
+        return flows[0]
 
     # -- head: batching and stepping ---------------------------------------------------------
     async def _head_loop(self) -> None:
@@ -282,7 +287,7 @@ class PipelineWorker:
                 length=len(head.pending), reply_to=head.reply_to if first else "",
                 sampling=head.sampling if first else {},
                 prompt_len=len(head.prompt) if first else 0,
-                prompt_token_ids=head.prompt if first else []))
+                prompt_token_ids=head.prompt if first else [], index=head.index))
             ids.extend(head.pending)
             head.pending = None
         stages = batch[0].stages
@@ -346,7 +351,15 @@ class PipelineWorker:
     async def _end_head(self, head: _Head, notify: Sequence[StageSpec]) -> None:
         if self.heads.pop(head.flow, None) is None:
             return
-        self.head_of.pop(head.request_id, None)
+        siblings = self.head_of.get(head.request_id, [])
+        if head.flow in siblings:
+            siblings.remove(head.flow)
+        if not siblings:
+            self.head_of.pop(head.request_id, None)
+        else:
+            # a cancel names the request: the other stages would drop its running sequences
+            # too, so they hear once its last sequence ended (or at its idle expiry)
+            notify = []
         if head.has_row:
             head.has_row = False
             self.rows -= 1
@@ -562,14 +575,14 @@ class PipelineWorker:
     async def cancel(self, request_id: str) -> bool:
         """Drop the request here; as its head, end it ``cancelled`` and free every stage."""
         found = False
-        flow = self.head_of.get(request_id)
-        head = self.heads.get(flow) if flow is not None else None
-        if head is not None:
+        heads = [self.heads[f] for f in self.head_of.get(request_id, []) if f in self.heads]
+        if heads:
             found = True
-            await self._quiet_publish(head.reply_to, TokenChunk(
+            await self._quiet_publish(heads[0].reply_to, TokenChunk(
                 request_id=request_id, executor_id=self.executor_id, token_ids=[],
                 finish_reason="cancelled", via="pipeline"))
-            await self._end_head(head, notify=head.stages[1:])
+            for head in heads:
+                await self._end_head(head, notify=head.stages[1:])
         mine = [f.flow for f in self.flows.values() if f.request_id == request_id]
         if mine:
             found = True

@@ -140,3 +140,57 @@ async def test_a_copy_completing_mid_request_finishes_it_in_the_pipeline_then_se
     assert first.tokens == second.tokens == tiny.greedy(prompt, 60)
     await eventually(lambda: a.pipeline is None)  # the idle stage runner is retired
     await eventually(lambda: kv_rows(a, b) == 0)
+
+
+def finished_indices(stream: Any) -> set[int]:
+    return {c.index for c in stream.chunks if c.finish_reason in ("stop", "length")}
+
+
+def tokens_by_index(stream: Any) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for chunk in stream.chunks:
+        out.setdefault(chunk.index, []).extend(chunk.token_ids)
+    return out
+
+
+async def test_logprobs_and_n_through_a_pipeline_equal_a_whole_model(
+        bus: Bus, tiny: TinyModel, store: StoreSource, make_executor: MakeExecutor) -> None:
+    import torch
+
+    a, b, _ = await two_halves(bus, store, tiny, make_executor)
+    prompt = prompt_of(12, seed=40)
+    # logprobs and prompt logprobs (echo) through the pipeline: log_softmax of transformers'
+    stream = await (await infer(bus, "a", "lp", prompt, max_tokens=4, stages=STAGES,
+                                logprobs=3, prompt_logprobs=2)).wait()
+    generated = stream.tokens
+    assert generated == tiny.greedy(prompt, 4)
+    with torch.inference_mode():
+        logits = tiny.hf(torch.tensor([prompt + generated])).logits[0]
+    reference = torch.log_softmax(logits.float(), dim=-1)
+    (prompt_lp,) = [c.prompt_logprobs for c in stream.chunks if c.prompt_logprobs is not None]
+    assert len(prompt_lp) == len(prompt) and prompt_lp[0] is None
+    for i in range(1, len(prompt)):
+        value, top = prompt_lp[i]
+        assert abs(value - reference[i - 1, prompt[i]].item()) <= 1e-4
+        assert [t for t, _ in top] == torch.topk(reference[i - 1], 2).indices.tolist()
+    entries = [e for c in stream.chunks for e in c.logprobs]
+    assert len(entries) == 4
+    for j, (value, top) in enumerate(entries):
+        row = reference[len(prompt) - 1 + j]
+        assert abs(value - row[generated[j]].item()) <= 1e-4 and len(top) == 3
+        assert abs(top[0][1] - row.max().item()) <= 1e-4
+
+    # n = 3 seeded sequences: a pipeline runs one flow per sequence; each equals what a
+    # whole-model executor's forked sequences give
+    sampling = {"temperature": 1.0, "seed": 77, "n": 3}
+    piped = await infer(bus, "a", "n3", prompt, max_tokens=6, stages=STAGES, **sampling)
+    await eventually(lambda: finished_indices(piped) == {0, 1, 2}, timeout=20)
+    whole = await make_executor("c")
+    ready_c = await Readiness.watch(bus, "c")
+    await store.send_blocks((await assign(bus, "c", tiny)).region, list(range(NUM_LAYERS)))
+    await ready_c.until(lambda e: e.complete)
+    local = await infer(bus, "c", "n3-local", prompt, max_tokens=6, **sampling)
+    await eventually(lambda: finished_indices(local) == {0, 1, 2}, timeout=20)
+    assert tokens_by_index(piped) == tokens_by_index(local)
+    assert len({tuple(t) for t in tokens_by_index(local).values()}) > 1
+    await eventually(lambda: kv_rows(a, b, whole) == 0)
