@@ -56,6 +56,7 @@ from services.router.choices import (
     make_choices,
     prompt_entries,
 )
+from services.router.httpguard import BodyLimit, ConnectionWatchdog, HttpTimeouts, KeyGate
 from services.router.metrics import CONTENT_TYPE, RouterMetrics
 from services.router.openai_api import (
     SSE_DONE,
@@ -89,7 +90,8 @@ CLIENT_CLOSED_STATUS = 499  # nginx's convention, and Cancelled.http_status
 
 @dataclass(frozen=True)
 class ApiConfig:
-    api_keys: frozenset[str] = field(default_factory=frozenset)
+    api_keys: frozenset[str] = field(default_factory=frozenset)  # every route but /health
+    metrics_keys: frozenset[str] = field(default_factory=frozenset)  # /metrics' own (optional)
     first_token_timeout_s: float = 120.0
     token_timeout_s: float = 60.0
     max_body_bytes: int = 8 * 1024 * 1024
@@ -281,25 +283,6 @@ class _Generation:
                 await self._events.aclose()  # type: ignore[attr-defined]
 
 
-class _BodyLimit:
-    """Refuse bodies whose Content-Length exceeds the limit before reading them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    response = JSONResponse(
-                        error_body(413, f"request body larger than {self.limit} bytes"),
-                        status_code=413,
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
 class _RequestIdHeader:
     """Every response carries ``X-Request-Id``: the client's own when it sent one (vLLM's
     ``--enable-request-id-headers`` convention; the openai SDK reads it into
@@ -396,15 +379,27 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-def http_protocol() -> type[asyncio.Protocol]:
+def http_protocol(timeouts: HttpTimeouts | None = None) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools when installed, else h11) over a
-    :class:`_CoalescingTransport`: pass as ``uvicorn.Config(http=...)``."""
+    :class:`_CoalescingTransport`, with client timeouts (:class:`ConnectionWatchdog`): pass
+    as ``uvicorn.Config(http=...)``."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    class CoalescingHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    class CoalescingHTTPProtocol(ConnectionWatchdog, AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        watchdog_timeouts = timeouts or HttpTimeouts()
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             wrapped = _CoalescingTransport(transport)  # type: ignore[arg-type]
             super().connection_made(wrapped)
+            self.watchdog_start()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self.watchdog_data()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.watchdog_stop()
+            super().connection_lost(exc)
 
     return CoalescingHTTPProtocol
 
@@ -421,8 +416,10 @@ def create_app(
     app = FastAPI(title=cfg.title, version="1", openapi_url="/openapi.json",
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.metrics = stats
-    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     app.add_middleware(_RequestIdHeader)
+    # added last, so outermost: no key, no size check, no parsing
+    app.add_middleware(KeyGate, api_keys=cfg.api_keys, metrics_keys=cfg.metrics_keys)
 
     bearer = HTTPBearer(auto_error=False, description="API key, when the router has keys.")
 

@@ -13,11 +13,13 @@ import contextlib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from services.router.http import ApiConfig, create_app, http_protocol
+from services.router.httpguard import HttpTimeouts
 from services.router.metrics import RouterMetrics
 from services.router.nats_backend import BackendSettings, NatsBackend
 from shared.config import ServiceConfig
@@ -31,7 +33,20 @@ class RouterConfig(ServiceConfig):
 
     http_host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
     http_port: int = field(default=8000, metadata={"help": "HTTP port (0: a free port)"})
-    api_keys: str = field(default="", metadata={"help": "comma-separated API keys (none: open)"})
+    api_keys: str = field(default="", repr=False, metadata={
+        "help": "comma-separated API keys for every route but /health (none: open)"})
+    api_keys_file: str = field(default="", metadata={
+        "help": "file of API keys, one a line (added to api_keys; keeps them out of `ps`)"})
+    metrics_api_keys: str = field(default="", repr=False, metadata={
+        "help": "comma-separated keys for /metrics only (a scraper's; default: the API keys)"})
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={
+        "help": "largest request body (413 beyond, before it is read or tokenized)"})
+    http_header_timeout_s: float = field(default=10.0, metadata={
+        "help": "a request's headers must arrive within this many seconds of its first byte"})
+    http_read_timeout_s: float = field(default=30.0, metadata={
+        "help": "a request body may not stall longer than this"})
+    http_idle_timeout_s: float = field(default=60.0, metadata={
+        "help": "a connection with no request in progress is closed after this long"})
     queue_wait_s: float = field(default=30.0, metadata={
         "help": "how long a request may wait for an instance before a 503"})
     queue_limit: int = field(default=256, metadata={"help": "waiting requests per model"})
@@ -65,18 +80,32 @@ class RouterConfig(ServiceConfig):
             raise ConfigError("http_port", f"{self.http_port} is not a TCP port (0..65535)")
         for name in ("queue_wait_s", "ack_timeout_s", "first_token_timeout_s",
                      "token_timeout_s", "executor_timeout_s", "store_timeout_s",
-                     "load_report_interval_s", "fail_fast_s"):
+                     "load_report_interval_s", "fail_fast_s", "http_header_timeout_s",
+                     "http_read_timeout_s", "http_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")
         for name in ("queue_limit", "max_reroutes", "models_ttl_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, "must be >= 0")
-        for name in ("local_target_concurrency", "max_outstanding_per_route"):
+        for name in ("local_target_concurrency", "max_outstanding_per_route", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be >= 1")
+        self.keys()  # an unreadable key file fails at start-up, naming the setting
 
     def keys(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        keys = {k.strip() for k in self.api_keys.split(",") if k.strip()}
+        if self.api_keys_file:
+            try:
+                text = Path(self.api_keys_file).read_text()
+            except OSError as exc:
+                raise ConfigError("api_keys_file", f"cannot read {self.api_keys_file}: {exc}"
+                                  ) from exc
+            keys |= {line.strip() for line in text.splitlines()
+                     if line.strip() and not line.startswith("#")}
+        return frozenset(keys)
+
+    def metrics_keys(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.metrics_api_keys.split(",") if k.strip())
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
@@ -125,13 +154,17 @@ class RouterService(Service[RouterConfig]):
         self.http_port = self._socket.getsockname()[1]
         self.backend = NatsBackend(self.bus, self.id, cfg.backend_settings(), emit=self.emit)
         await self.backend.start()
-        api = ApiConfig(api_keys=cfg.keys(),
+        api = ApiConfig(api_keys=cfg.keys(), metrics_keys=cfg.metrics_keys(),
+                        max_body_bytes=cfg.max_body_bytes,
                         first_token_timeout_s=cfg.queue_wait_s + cfg.ack_timeout_s
                         + cfg.first_token_timeout_s + 5.0,
                         token_timeout_s=cfg.token_timeout_s + 5.0)
         app = create_app(self.backend, api, RouterMetrics())
         server_config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", http=http_protocol(),
+            app, log_level="warning", access_log=False, lifespan="off",
+            http=http_protocol(HttpTimeouts(cfg.http_header_timeout_s, cfg.http_read_timeout_s,
+                                            cfg.http_idle_timeout_s)),
+            timeout_keep_alive=max(1, int(cfg.http_idle_timeout_s)),
             timeout_graceful_shutdown=max(1, int(cfg.drain_timeout_s)),
         )
         self._server = _EmbeddedServer(server_config)
