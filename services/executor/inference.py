@@ -32,7 +32,7 @@ import structlog
 from services.executor.compute import ComputeThread
 from services.executor.requests import check_fits, check_prompt
 from shared.engine import Engine, EngineStats, SamplingParams, StepOutput
-from shared.errors import EngineError, InvalidParameter, LScaleError
+from shared.errors import EngineError, InvalidParameter, KVCacheFull, LScaleError
 from shared.messages import TokenChunk
 
 log = structlog.get_logger("executor.inference")
@@ -140,6 +140,10 @@ class EngineDriver:
         prompt = check_prompt(prompt, config.vocab_size)
         check_fits(len(prompt), self.engine.max_model_len, self.engine.scheduler.row_len)
         params.validate(config.vocab_size)
+        rows = self.engine.scheduler.capacity
+        if params.num_sequences > rows:  # refused in the ack, not later on the compute thread
+            raise KVCacheFull(f"{params.num_sequences} sequences need as many KV rows; this "
+                              f"executor has {rows}", request_id=request_id)
         if params.stop and self.engine.scheduler.decode is None:
             raise InvalidParameter("stop strings need a tokenizer; executors take token ids "
                                    "(the router applies stop strings)", field="stop")

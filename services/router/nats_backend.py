@@ -174,6 +174,7 @@ class _Flight:
     done: set[int] = field(default_factory=set)  # sequences finished (as the router decided)
     executor_done: set[int] = field(default_factory=set)  # ... as the executor said
     prompt_logprobs_seen: bool = False
+    ttft_recorded: bool = False
 
     def tokens_of(self, index: int) -> list[int]:
         if index == 0:
@@ -781,7 +782,8 @@ class NatsBackend:
         return {"models": models, "executors": len(self._known), "in_flight": len(self._flights)}
 
     def _record_ttft(self, flight: _Flight) -> None:
-        if sum(map(len, (flight.generated, *flight.others.values()))) == 1:
+        if not flight.ttft_recorded:
+            flight.ttft_recorded = True
             now = self._clock()
             self._figures_of(flight.model).ttft.append((now, now - flight.started))
 
