@@ -163,8 +163,10 @@ def child_specs(n_executors: int, env: dict[str, str],
     return specs
 
 
-def _identity_envs(auth_dir: Path | None) -> Callable[[str], dict[str, str]] | None:
-    """Per-kind credentials from ``<identity>.env`` files (None: children inherit ours)."""
+def _identity_envs(auth_dir: Path | None, tls_env: dict[str, str] | None = None
+                   ) -> Callable[[str], dict[str, str]] | None:
+    """Per-kind credentials from ``<identity>.env`` files, plus the TLS settings every client
+    needs (None: children inherit ours)."""
     if auth_dir is None:
         return None
     from shared.errors import ConfigError
@@ -176,7 +178,7 @@ def _identity_envs(auth_dir: Path | None) -> Callable[[str], dict[str, str]] | N
             raise ConfigError("nats_credentials", f"{files.env_file(kind)} is missing")
 
     def env_of(kind: str) -> dict[str, str]:
-        env = identity_env(read_env_file(files.env_file(kind)))
+        env = identity_env({**read_env_file(files.env_file(kind)), **(tls_env or {})})
         if kind == "scaler":  # what it hands the executors it provisions
             env["LSCALE_PROVISIONER_NATS_ENV"] = str(files.env_file("executor"))
         return env
@@ -402,7 +404,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             server, auth_dir, tls_env = _embedded_server(args, state_dir)
             nats_url = server.url
-        identity_env = _identity_envs(auth_dir)
+        identity_env = _identity_envs(auth_dir, tls_env)
         admin_auth = _admin_auth(auth_dir, tls_env)
         report = supervisor.report
 
