@@ -19,6 +19,7 @@ The resolution is one snapshot interval (about a second).
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,8 +141,12 @@ class NatsMetricsWatcher:
     async def start(self) -> None:
         from shared.bus import Bus
         from shared.messages import MetricsSnapshot
+        from shared.natsauth import DASHBOARD, client_auth_for
 
-        self._bus = await Bus.connect(self.url, "loadgen-replay", initial_attempts=2)
+        # it only reads metrics: the read-only dashboard identity of a local cluster (or the
+        # LSCALE_NATS_* credentials when set)
+        auth = client_auth_for(os.environ.get("LSCALE_STATE_DIR", ".lscale"), DASHBOARD)
+        self._bus = await Bus.connect(self.url, "loadgen-replay", initial_attempts=2, auth=auth)
 
         async def keep(snapshot: MetricsSnapshot, _msg: Any) -> None:
             self.samples.append(MetricSample(time.time(), snapshot.service, snapshot.instance_id,

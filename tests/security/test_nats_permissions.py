@@ -130,18 +130,29 @@ async def test_every_identity_publishes_only_what_its_kind_needs(
 
 
 async def test_every_identity_reads_only_what_its_kind_needs(probes: dict[str, Probe]) -> None:
+    admin = probes["admin"]
     for identity in IDENTITIES:
         if identity == "admin":
             continue
         probe = probes[identity]
-        for subject, allowed in READ_SUBJECTS:
-            await probe.nc.subscribe(subject)
+        for pattern, allowed in READ_SUBJECTS:
+            got: list[str] = []
+
+            async def keep(msg: nats.aio.msg.Msg, got: list[str] = got) -> None:
+                got.append(msg.subject)
+
+            sub = await probe.nc.subscribe(pattern, cb=keep)
             await probe.nc.flush()
             if identity in allowed:
-                await probe.nc.flush()
-                assert not probe.refused(_subscribe_refusal(subject)), (identity, subject)
+                # a message on a subject the pattern covers arrives: the right is real
+                concrete = pattern.replace("*", "x").replace(">", "x")
+                await admin.nc.publish(concrete, b"")
+                await admin.nc.flush()
+                await _seen(got, concrete)
+                assert not probe.refused(_subscribe_refusal(pattern)), (identity, pattern)
+                await sub.unsubscribe()
             else:
-                await probe.refusal(_subscribe_refusal(subject))
+                await probe.refusal(_subscribe_refusal(pattern))
 
 
 @pytest.mark.slow
