@@ -81,6 +81,7 @@ class _StepResult:
     error: BaseException | None
     stats: EngineStats
     seconds: float
+    cancelled: list[str] = field(default_factory=list)  # cancels applied
 
 
 class EngineDriver:
@@ -94,6 +95,8 @@ class EngineDriver:
         self._requests: dict[str, _Local] = {}
         self._adds: collections.deque[tuple[str, list[int], SamplingParams]] = collections.deque()
         self._cancels: collections.deque[str] = collections.deque()
+        # request id -> resolved once the engine applied its cancel (its outputs stop)
+        self._settling: dict[str, asyncio.Future[None]] = {}
         self._wake = asyncio.Event()
         self._flush = asyncio.Event()
         self._dirty: dict[str, _Local] = {}
@@ -151,12 +154,26 @@ class EngineDriver:
         self._adds.append((request_id, prompt, params))
         self._wake.set()
 
+    async def settled(self, request_id: str, timeout: float = 10.0) -> None:
+        """Wait until a cancel of ``request_id`` took effect in the engine: a new attempt
+        under the same id submitted earlier would be handed the old attempt's tokens."""
+        future = self._settling.get(request_id)
+        if future is not None:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+
+    def reply_to_of(self, request_id: str) -> str | None:
+        """Where a running request's tokens go (None: not running here)."""
+        local = self._requests.get(request_id)
+        return local.reply_to if local is not None else None
+
     def cancel(self, request_id: str) -> bool:
         """End a request with ``cancelled`` and free its KV (before the next step)."""
         local = self._requests.pop(request_id, None)
         if local is None:
             return False
         self._cancels.append(request_id)
+        if request_id not in self._settling:
+            self._settling[request_id] = asyncio.get_running_loop().create_future()
         self._wake.set()
         local.finish_reason = "cancelled"
         self._mark(local)
@@ -176,6 +193,10 @@ class EngineDriver:
 
     def _apply(self, result: _StepResult) -> None:
         self.stats = result.stats
+        for request_id in result.cancelled:
+            future = self._settling.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(None)
         generated = sum(1 for out in result.outputs if out.request_id in self._requests)
         self._steps.append((time.monotonic(), generated, result.seconds))
         for request_id, error in result.refused:
@@ -216,14 +237,29 @@ class EngineDriver:
         started = time.perf_counter()
         engine = self.engine
         refused: list[tuple[str, LScaleError]] = []
-        while self._adds:
+        # Cancels first: a request the router re-dispatched here (its old attempt cancelled,
+        # the same id submitted again before this step) must find the old one gone, or the
+        # engine refuses it ("already exists"). A request both submitted and cancelled since
+        # the last step is not added at all.
+        cancelled: set[str] = set()
+        applied: list[str] = []
+        while self._cancels:
+            request_id = self._cancels.popleft()
+            applied.append(request_id)
+            if not engine.cancel(request_id):
+                cancelled.add(request_id)
+        adds: dict[str, tuple[list[int], SamplingParams]] = {}
+        while self._adds:  # an id submitted twice since the last step: the first was cancelled
             request_id, prompt, params = self._adds.popleft()
+            adds.pop(request_id, None)
+            adds[request_id] = (prompt, params)
+        for request_id, (prompt, params) in adds.items():
+            if request_id in cancelled and request_id not in self._requests:
+                continue
             try:
                 engine.add_request(request_id, prompt, params)
             except LScaleError as exc:
                 refused.append((request_id, exc))
-        while self._cancels:
-            engine.cancel(self._cancels.popleft())
         outputs: list[StepOutput] = []
         error: BaseException | None = None
         failed: list[str] = []
@@ -236,7 +272,7 @@ class EngineDriver:
                 for request_id in failed:
                     engine.cancel(request_id)
         return _StepResult(outputs, refused, failed, error, engine.stats(),
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, applied)
 
     # -- sending ------------------------------------------------------------------------------
     def _mark(self, local: _Local) -> None:

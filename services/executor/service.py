@@ -529,6 +529,16 @@ class ExecutorService(Service[ExecutorConfig]):
         if len(stages) <= 1 or copy.complete:
             # a complete copy serves new requests locally, whatever route the router picked
             driver = await self._local_driver(copy)
+            running_to = driver.reply_to_of(request.request_id)
+            if running_to is not None and running_to != request.reply_to:
+                # A newer attempt (the router re-dispatched it: a route or its connection
+                # broke; each attempt has its own reply subject) can overtake the cancel of
+                # the old one: end the old one here. The same reply subject again is a
+                # duplicate, refused below.
+                driver.cancel(request.request_id)
+            # a cancel of this id (just above, or just before this request) must have taken
+            # effect first, or the old attempt's last tokens would go to this one
+            await driver.settled(request.request_id)
             driver.submit(request.request_id, request.prompt_token_ids, params,
                           request.reply_to)
             return Ack(ok=True, detail="local")

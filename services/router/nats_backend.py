@@ -394,10 +394,19 @@ class NatsBackend:
             assignment = flight.assignment
             if assignment is None or flight.waiting is not None:
                 continue
-            self._release(flight, tell_executors=True)
+            self._release(flight, tell_executors=False)
             flight.attempt += 1  # drop what the old route may still send
-            flight.inbox.put_nowait(_Reroute("the router reconnected to NATS"))
+            self._background(self._redispatch(flight, assignment.route.executors))
         self._wake.set()
+
+    async def _redispatch(self, flight: _Flight, executors: Sequence[str]) -> None:
+        """Cancel the old attempt, *then* send the request again: the new attempt often goes
+        to the same executor, which refuses a request id it still runs ("already running");
+        the cancel, published first on this connection, reaches it first."""
+        for eid in executors:
+            await self._publish(subjects.exec_cancel(eid),
+                                CancelRequest(request_id=flight.request_id))
+        flight.inbox.put_nowait(_Reroute("the router reconnected to NATS"))
 
     def _fail_queued(self, why: Callable[[str], LScaleError | None]) -> None:
         """Fail the requests waiting for a route whose model ``why`` gives a reason for."""

@@ -216,3 +216,40 @@ async def test_bad_input_gets_typed_errors_and_the_executor_keeps_serving(
     # after all that, the executor serves as before
     stream = await (await infer(bus, "e1", "fine", prompt, max_tokens=6)).wait()
     assert stream.tokens == tiny.greedy(prompt, 6) and stream.finish_reason == "length"
+
+
+async def test_a_re_dispatched_request_replaces_the_attempt_still_running_here(
+        bus: Bus, tiny: TinyModel, store: StoreSource, make_executor: MakeExecutor) -> None:
+    """The router re-dispatches a request (new attempt, new reply subject) when its route or
+    its connection broke; the new attempt may reach the executor before the old attempt's
+    cancel, or right after it (before an engine step): either way the new one is served."""
+    from tests.executor.conftest import open_stream
+
+    await make_executor("e1")
+    ready = await Readiness.watch(bus, "e1")
+    region = (await assign(bus, "e1", tiny)).region
+    await store.send_blocks(region, list(range(tiny.manifest.num_blocks)))
+    await ready.until(lambda e: len(e.ready_layers) == NUM_LAYERS)
+    prompt = prompt_of(5, seed=4)
+
+    async def attempt(n: int, max_tokens: int) -> Any:
+        reply_to = f"test.tokens.redo.{n}"
+        stream = await open_stream(bus, reply_to)
+        request = InferRequest(request_id="redo", model=tiny.name, prompt_token_ids=prompt,
+                               sampling={"max_tokens": max_tokens, "temperature": 0.0,
+                                         "ignore_eos": True}, reply_to=reply_to)
+        await bus.request(subjects.exec_infer("e1"), request, reply_type=Ack, timeout=10)
+        return stream
+
+    first = await attempt(1, 200)
+    second = await attempt(2, 6)  # no cancel at all: the new attempt ends the old one
+    done = await second.wait()
+    assert done.tokens == tiny.greedy(prompt, 6) and done.finish_reason == "length"
+    assert (await first.wait()).finish_reason == "cancelled"
+
+    # the cancel first, the new attempt right after it (both before the engine's next step)
+    third = await attempt(3, 200)
+    await bus.publish(subjects.exec_cancel("e1"), {"request_id": "redo", "t": "exec.cancel"})
+    fourth = await attempt(4, 6)
+    assert (await fourth.wait()).tokens == tiny.greedy(prompt, 6)
+    assert (await third.wait()).finish_reason == "cancelled"
