@@ -220,8 +220,10 @@ async def test_every_token_an_attacker_can_learn_is_refused_by_a_serving_region(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("executors", [1, 3])  # from the store alone; relayed by receivers
 async def test_a_block_corrupted_in_flight_is_sent_again_and_never_served(
-        secure_nats: SecureServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        secure_nats: SecureServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        executors: int) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt", SPEC)
     victim_tag = 1  # the second chunk of the plan (block 1 with one part per block)
     corrupted: list[tuple[str, int]] = []
@@ -248,23 +250,32 @@ async def test_a_block_corrupted_in_flight_is_sent_again_and_never_served(
 
     monkeypatch.setattr(TcpRegionWriter, "write", corrupting)
     monkeypatch.setattr(WeightCopy, "_on_peer_block", checked_block)
-    async with E2ECluster(secure_nats.url, tmp_path / "cluster", executors=1,
+    async with E2ECluster(secure_nats.url, tmp_path / "cluster", executors=executors,
                           credentials=secure_nats.credentials,
                           scaler={"multicast_parts": 1}) as cluster:
         await cluster.add_model("m", checkpoint.directory, blocks=4)
-        await cluster.deploy("m", min_instances=1, max_instances=1)
+        await cluster.deploy("m", min_instances=executors, max_instances=executors)
         prompt = [12, 13, 14, 15]
         assert await _greedy_tokens(cluster, prompt) == checkpoint.greedy(prompt, 6)
-        executor = next(iter(cluster.executors.values()))
-        assert executor.copy is not None and executor.copy.complete
-        assert corrupted and executor.copy.peer.checksum_failures == 1
+        async with asyncio.timeout(60):  # every receiver whole (the first may serve alone)
+            while not all(e.copy is not None and e.copy.complete
+                          for e in cluster.executors.values()):
+                await asyncio.sleep(0.1)
+        copies = [e.copy for e in cluster.executors.values() if e.copy is not None]
+        assert len(corrupted) == 1
+        assert sum(c.peer.checksum_failures for c in copies) == 1
         assert served_bad == []
-        # the readiness it published never claimed the bad block's layers early: every
-        # readiness with block 1's layers came after the re-sent block was verified
-        verified_at = executor.copy.peer.ready_times[1]
-        layers = set(range(executor.copy.manifest.blocks[1].layer_start,
-                           executor.copy.manifest.blocks[1].layer_end))
-        claims = [s for s in cluster.events.readiness()
-                  if isinstance(s.body, dict) and layers & set(s.body.get("ready_layers", []))]
-        assert claims and all(s.at >= verified_at for s in claims)
-
+        # no executor's readiness claimed block 1's layers before its own verified copy
+        for executor in cluster.executors.values():
+            copy = executor.copy
+            assert copy is not None
+            verified_at = copy.peer.ready_times.get(1)
+            assert verified_at is not None, executor.id  # it came by multicast, verified
+            layers = set(range(copy.manifest.blocks[1].layer_start,
+                               copy.manifest.blocks[1].layer_end))
+            claims = [s for s in cluster.events.readiness()
+                      if isinstance(s.body, dict) and s.body.get("executor_id") == executor.id
+                      and layers & set(s.body.get("ready_layers", []))]
+            assert claims and all(s.at >= verified_at for s in claims), executor.id
+        for prompt in ([21, 22, 23], [30, 31, 32, 33, 34]):  # any instance serves right
+            assert await _greedy_tokens(cluster, prompt) == checkpoint.greedy(prompt, 6)
