@@ -12,7 +12,10 @@ practice when it is installed; these rules are ours and always run:
   requirements*.txt), it installs dependencies before it copies the sources, so that a source
   change reuses the dependency layer; and no ``pip install`` names a path not copied yet;
 - ``pip-cache``: ``pip install`` runs with ``--no-cache-dir`` (or ``PIP_NO_CACHE_DIR`` set);
-- ``healthcheck``: the final stage has a HEALTHCHECK (not NONE).
+- ``healthcheck``: the final stage has a HEALTHCHECK (not NONE);
+- ``legacy-builder``: nothing only BuildKit understands (a ``# syntax=`` directive, whose
+  frontend is an image pulled from a registry; ``--chmod``/``--link``/``--mount``/``--parents``
+  flags; here-documents), so ``DOCKER_BUILDKIT=0`` builds it where no registry answers.
 """
 
 from __future__ import annotations
@@ -116,10 +119,32 @@ def _pip_installs(run: str) -> list[list[str]]:
     return out
 
 
+BUILDKIT_ONLY_FLAGS = re.compile(r"(?:^|\s)--(chmod|link|mount|parents|exclude|network|security)\b")
+
+
+def _legacy_builder(text: str, instructions: list[Instruction]) -> list[Finding]:
+    findings = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("#"):
+            break  # parser directives are only the leading comments
+        if re.match(r"#\s*syntax\s*=", line.strip(), re.IGNORECASE):
+            findings.append(Finding("legacy-builder", number,
+                                    "a # syntax= frontend is pulled from a registry"))
+    for ins in instructions:
+        if ins.keyword in ("COPY", "ADD", "RUN") and (flag := BUILDKIT_ONLY_FLAGS.search(ins.args)):
+            findings.append(Finding("legacy-builder", ins.line,
+                                    f"{ins.keyword} --{flag.group(1)} needs BuildKit"))
+        if re.search(r"<<-?\s*['\"]?[A-Za-z_]+", ins.args) and ins.keyword in ("RUN", "COPY"):
+            findings.append(Finding("legacy-builder", ins.line, "here-documents need BuildKit"))
+    return findings
+
+
 def check(text: str) -> list[Finding]:
     instructions = parse(text)
     global_args, all_stages = stages(instructions)
-    findings: list[Finding] = []
+    findings: list[Finding] = _legacy_builder(text, instructions)
     stage_names = {s.name for s in all_stages if s.name}
     if not all_stages:
         return [Finding("pinned-base", 1, "no FROM instruction")]

@@ -57,6 +57,23 @@ def test_each_rule_catches_its_mistake(rule: str, old: str, new: str) -> None:
     assert rules(text) == set()
 
 
+@pytest.mark.parametrize("mutation", [
+    lambda text: "# syntax=docker/dockerfile:1.7\n" + text,
+    lambda text: text.replace("COPY compose/image/lscale-service",
+                              "COPY --chmod=0755 compose/image/lscale-service"),
+    lambda text: text.replace("COPY --from=build /opt/venv", "COPY --link --from=build /opt/venv"),
+    lambda text: text.replace("RUN pip install --no-cache-dir --no-deps /src",
+                              "RUN --mount=type=cache,target=/root/.cache pip install "
+                              "--no-cache-dir --no-deps /src"),
+])
+def test_buildkit_only_features_are_caught(mutation: object) -> None:
+    # the legacy builder (DOCKER_BUILDKIT=0) must build the file where no registry answers
+    text = DOCKERFILE.read_text()
+    mutated = mutation(text)  # type: ignore[operator]
+    assert mutated != text
+    assert "legacy-builder" in rules(mutated)
+
+
 def test_pip_install_of_a_path_not_yet_copied_is_caught() -> None:
     text = DOCKERFILE.read_text().replace("RUN pip install --no-cache-dir --no-deps /src",
                                           "RUN pip install --no-cache-dir --no-deps /app")
