@@ -59,6 +59,32 @@ def _run(argv: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     return done
 
 
+def _forward_rule(bridge: str) -> list[str]:
+    return ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+
+
+def allow_bridge_forwarding(bridge: str) -> None:
+    """Let frames between the nodes on ``bridge`` through iptables' FORWARD chain.
+
+    A Docker engine on the host sets FORWARD's policy to DROP, and with br_netfilter loaded
+    (``net.bridge.bridge-nf-call-iptables = 1``, which Docker also sets) bridged frames pass
+    that chain: without this rule the emulated nodes cannot reach each other. No-op without
+    iptables; the rule goes with :func:`drop_bridge_forwarding` (or :func:`cleanup_stale`).
+    """
+    if shutil.which("iptables") is None:
+        return
+    if _run(["iptables", "-C", *_forward_rule(bridge)], check=False).returncode != 0:
+        _run(["iptables", "-I", *_forward_rule(bridge)], check=False)
+
+
+def drop_bridge_forwarding(bridge: str) -> None:
+    if shutil.which("iptables") is None:
+        return
+    for _ in range(8):  # every copy, should one have been added twice
+        if _run(["iptables", "-D", *_forward_rule(bridge)], check=False).returncode != 0:
+            break
+
+
 def netns_unavailable_reason() -> str | None:
     """None when namespaces can be created here; otherwise why not."""
     if os.name != "posix" or not os.path.exists("/proc/self/ns/net"):
@@ -110,6 +136,12 @@ def cleanup_stale(all_runs: bool = False) -> list[str]:
         if m and dead(m.group(1) or m.group(2)):
             _run(["ip", "link", "del", name], check=False)
             removed.append(f"link {name}")
+    if shutil.which("iptables") is not None:
+        rules = _run(["iptables", "-S", "FORWARD"], check=False).stdout
+        for bridge in sorted(set(re.findall(rf"-i ({PREFIX}b(\d+)) -o \1 -j ACCEPT", rules))):
+            if dead(bridge[1]):
+                drop_bridge_forwarding(bridge[0])
+                removed.append(f"iptables FORWARD rule of {bridge[0]}")
     if os.path.isdir("/dev/shm"):
         for entry in os.listdir("/dev/shm"):
             m = _SHM_RE.match(entry)
@@ -174,6 +206,7 @@ class EmuCluster:
         _run(["ip", "link", "add", self.bridge, "type", "bridge"])
         _run(["ip", "addr", "add", f"{self.bridge_address}/24", "dev", self.bridge])
         _run(["ip", "link", "set", self.bridge, "up"])
+        allow_bridge_forwarding(self.bridge)
         for i in range(self.nodes_count):
             ns = f"{PREFIX}-{self.tag}-{i}"
             host_veth, ns_veth = f"{PREFIX}{self.tag}h{i}", f"{PREFIX}{self.tag}n{i}"
@@ -231,6 +264,7 @@ class EmuCluster:
             _run(["ip", "netns", "del", f"{PREFIX}-{self.tag}-{i}"], check=False)
             _run(["ip", "link", "del", f"{PREFIX}{self.tag}h{i}"], check=False)
         _run(["ip", "link", "del", self.bridge], check=False)
+        drop_bridge_forwarding(self.bridge)
         self.nodes = []
         self._restore_sigterm()
         with contextlib.suppress(Exception):

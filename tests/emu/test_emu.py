@@ -113,3 +113,26 @@ def test_emu_cli_up_prints_nodes_and_cleans_up() -> None:
     assert proc.wait(timeout=10) == 0
     assert _ours(proc.pid) == []
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v iptables"], capture_output=True)
+                    .returncode != 0, reason="iptables not installed")
+def test_bridge_forward_rule_is_ours_to_add_and_remove() -> None:
+    # with a Docker engine on the host (FORWARD policy DROP, br_netfilter on) the emulated nodes
+    # reach each other only through this rule; it goes with the cluster, or with a dead run's
+    def rules() -> str:
+        return subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True,
+                              check=True).stdout
+
+    with EmuCluster(2, link_mbit=100.0) as cluster:
+        assert f"-i {cluster.bridge} -o {cluster.bridge} -j ACCEPT" in rules()
+    assert f"-i {cluster.bridge} " not in rules()
+    dead_bridge = "lseb999999"  # no such pid: a run that died without its clean-up
+    subprocess.run(["iptables", "-I", "FORWARD", "-i", dead_bridge, "-o", dead_bridge, "-j",
+                    "ACCEPT"], check=True)
+    try:
+        assert f"iptables FORWARD rule of {dead_bridge}" in cleanup_stale()
+        assert dead_bridge not in rules()
+    finally:
+        subprocess.run(["iptables", "-D", "FORWARD", "-i", dead_bridge, "-o", dead_bridge, "-j",
+                        "ACCEPT"], capture_output=True)
