@@ -120,8 +120,11 @@ async def test_a_real_prometheus_scrapes_router_and_executor_and_has_the_dashboa
                 while True:
                     assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
                     try:
-                        body = (await client.get(f"{api}/targets")).json()
-                        active = body["data"]["activeTargets"]
+                        response = await client.get(f"{api}/targets")
+                        if response.status_code != 200:  # 503 while it starts up
+                            await asyncio.sleep(0.5)
+                            continue
+                        active = response.json()["data"]["activeTargets"]
                         health = {t["labels"]["job"]: t["health"] for t in active}
                         if len(active) == 3 and set(health.values()) == {"up"}:
                             break
