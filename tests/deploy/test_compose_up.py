@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 import uuid
 
+import httpx
 import pytest
 
 from tests.deploy.compose_cluster import (
+    COMPOSE_DIR,
     ComposeProject,
     build_image,
     engine_problem,
@@ -51,6 +54,33 @@ def first_completion(base_url: str) -> str | None:
     text = response.choices[0].text
     assert response.usage is not None and response.usage.completion_tokens >= 1
     return text
+
+
+def prometheus_in_the_cluster(network: str, name: str) -> tuple[str, int] | None:
+    """compose/prometheus.yml, unchanged, run by this machine's ``prometheus`` binary (Debian's
+    package; it needs only libc) in a container of the λScale image on the cluster's network,
+    where its DNS service discovery finds every executor replica. None without a binary."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        return None
+    port = free_port()
+    subprocess.run(
+        ["docker", "run", "-d", "--rm", "--name", name, "--network", network,
+         "-p", f"127.0.0.1:{port}:9090", "--entrypoint", "/opt/prometheus/prometheus",
+         "-v", f"{os.path.realpath(binary)}:/opt/prometheus/prometheus:ro",
+         "-v", f"{COMPOSE_DIR / 'prometheus.yml'}:/etc/prometheus/prometheus.yml:ro",
+         IMAGE, "--config.file=/etc/prometheus/prometheus.yml",
+         "--storage.tsdb.path=/tmp/prometheus", "--web.listen-address=0.0.0.0:9090"],
+        check=True, capture_output=True, timeout=120)
+    return name, port
+
+
+def scrape_health(port: int) -> dict[str, list[str]]:
+    response = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5)
+    health: dict[str, list[str]] = {}
+    for target in response.json()["data"]["activeTargets"]:
+        health.setdefault(target["labels"]["job"], []).append(target["health"])
+    return health
 
 
 def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
@@ -129,6 +159,31 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
         containers = project.containers("executor")
         assert len(containers) == 3
 
+        # --- Prometheus, as configured, scrapes the router and all three executors ----------
+        prometheus = prometheus_in_the_cluster(network, f"{project.name}-prometheus")
+        if prometheus is None:
+            print("compose-smoke: no prometheus binary here: scrape check not run")
+        else:
+            prometheus_port = prometheus[1]
+
+            def all_up() -> dict[str, list[str]] | None:
+                health = scrape_health(prometheus_port)
+                if health and health.get("lscale-router") == ["up"] \
+                        and health.get("lscale-executor") == ["up"] * 3:
+                    return health
+                return None
+
+            health = wait_for("Prometheus scraping router and 3 executors", all_up,
+                              timeout=120, interval=2.0)
+            series = httpx.get(f"http://127.0.0.1:{prometheus[1]}/api/v1/query", timeout=5,
+                               params={"query": "lscale_executor_kv_total_tokens"}).json()
+            scraped = {r["metric"]["executor"] for r in series["data"]["result"]}
+            assert scraped == {str(e["id"]) for e in three}, (scraped, three)
+            print(f"compose-smoke: Prometheus (compose/prometheus.yml) targets {health}; "
+                  f"executor series for {sorted(scraped)}")
+            subprocess.run(["docker", "rm", "-f", prometheus[0]], capture_output=True, timeout=60)
+            prometheus = None
+
         # --- kill one executor container: the engine restarts it, a new executor joins -------
         # SIGKILL to the container's init process from the host: the container dies as in a
         # crash or an OOM kill. (`docker kill` would count as a manual stop, which no restart
@@ -165,6 +220,8 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
         print(project.logs(), flush=True)
         raise
     finally:
+        subprocess.run(["docker", "rm", "-f", f"{project.name}-prometheus"], capture_output=True,
+                       timeout=60)  # not the project's: it must go before the network does
         project.down()
     left = project.leftovers(network)
     print(f"compose-smoke: after down -v: {left}")
