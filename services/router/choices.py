@@ -54,7 +54,6 @@ class Choice:
 
     index: int
     assembler: TextAssembler
-    min_tokens: int = 0
     discard: bool = False  # echo with max_tokens=0: generated tokens are not part of the answer
     count: int = 0  # tokens generated
     finish_reason: str | None = None
@@ -174,5 +173,6 @@ def chat_logprobs(texts: TokenTexts, entries: Sequence[LogprobEntry], top: int
 def make_choices(tokenizer: Any, count: int, stops: Sequence[str], *, first_index: int = 0,
                  min_tokens: int = 0, discard: bool = False) -> list[Choice]:
     codec = codec_for(tokenizer)
-    return [Choice(first_index + i, TextAssembler(codec, stops), min_tokens, discard)
+    # stop strings count only from min_tokens tokens on, as vLLM's stop checker does
+    return [Choice(first_index + i, TextAssembler(codec, stops, min_tokens), discard)
             for i in range(count)]

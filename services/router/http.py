@@ -626,10 +626,6 @@ def create_app(
                 return str(prompt[prompt_index])
             return codec_for(job.tokenizer).decode(job.prompts[prompt_index])
 
-        def completion_logprobs(choice: Choice, entries: Sequence[LogprobEntry],
-                                writer: CompletionLogprobsWriter) -> dict[str, Any] | None:
-            return None if want_top is None else writer.render(entries)
-
         if not body.stream:
             event = first
             try:
@@ -675,9 +671,9 @@ def create_app(
                     text = echo_text(prompt_index) + text
                     entries = prompt_entries(job.prompts[prompt_index],
                                              prompt_lps.get(prompt_index)) + entries
-                writer = CompletionLogprobsWriter(texts, want_top or 0)
-                rendered.append({"index": out_index, "text": text,
-                                 "logprobs": completion_logprobs(choice, entries, writer),
+                logprobs = None if want_top is None else \
+                    CompletionLogprobsWriter(texts, want_top).render(entries)
+                rendered.append({"index": out_index, "text": text, "logprobs": logprobs,
                                  "finish_reason": choice.finish_reason})
             # the shapes of (Chat)CompletionResponse, built directly (on every request's path)
             return JSONResponse({

@@ -263,3 +263,15 @@ async def test_raw_stream_of_several_choices_is_well_formed(base_url: str) -> No
     assert sorted(roles) == [0, 1]
     finishes = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert sorted(finishes) == [0, 1]
+
+
+async def test_min_tokens_delays_stop_strings(api: openai.AsyncOpenAI) -> None:
+    prompt = "hello world, hello router"  # the backend repeats it: "hello" comes first
+    early = await api.completions.create(model="tiny-plain", prompt=prompt, max_tokens=12,
+                                         stop=["hello"])
+    assert early.choices[0].text == "" and early.choices[0].finish_reason == "stop"
+    late = await api.completions.create(model="tiny-plain", prompt=prompt, max_tokens=12,
+                                        stop=["hello"], extra_body={"min_tokens": 3})
+    text = late.choices[0].text
+    assert text.startswith("hello") and "hello" not in text[1:]  # cut at the second one
+    assert late.choices[0].finish_reason == "stop"
