@@ -162,6 +162,16 @@ def test_logprobs_and_penalties_equal_transformers(cluster: tuple[str, Path]) ->
     texts = [c.text for c in first.choices]
     assert len(texts) == 3 and len(set(texts)) > 1
     assert texts == [c.text for c in again.choices]
+    # best_of 3 keeps the one of those three sequences with the highest cumulative logprob
+    scored = client.completions.create(model=MODEL, prompt="hello", max_tokens=8, n=3,
+                                       temperature=1.0, seed=5, logprobs=0,
+                                       extra_body={"ignore_eos": True})
+    sums = [sum(c.logprobs.token_logprobs) for c in scored.choices]  # type: ignore[arg-type,union-attr]
+    assert [c.text for c in scored.choices] == texts
+    best = client.completions.create(model=MODEL, prompt="hello", max_tokens=8, n=1,
+                                     best_of=3, temperature=1.0, seed=5,
+                                     extra_body={"ignore_eos": True})
+    assert [c.text for c in best.choices] == [texts[sums.index(max(sums))]]
 
     # chat logprobs of a greedy reply: the chosen token is the most likely one
     chat = client.chat.completions.create(
