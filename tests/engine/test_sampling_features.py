@@ -197,3 +197,23 @@ def test_n_waits_for_enough_rows_and_cancel_frees_all(llama: Checkpoint) -> None
     assert engine.stages[0].kv.used_rows == 4
     assert engine.cancel("b") is True
     assert engine.stages[0].kv.used_rows == 0 and not engine.has_work()
+
+
+def test_min_tokens_equals_transformers_min_new_tokens(llama: Checkpoint) -> None:
+    prompt = random_prompt(6, seed=1)
+    probe = engine_of(llama)
+    probe.add_request("p", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    stop = run_to_completion(probe)["p"][0]  # the greedy first token ends the sequence...
+    with torch.inference_mode():  # ... unless MinNewTokensLengthLogitsProcessor masks it
+        out = llama.hf_model.generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=12, min_new_tokens=5, do_sample=False, eos_token_id=stop,
+            pad_token_id=0)
+    expected = [int(t) for t in out[0, len(prompt):]]
+    if stop in expected:
+        expected = expected[: expected.index(stop) + 1]
+    engine = engine_of(llama)
+    engine.add_request("m", prompt, SamplingParams(max_tokens=12, temperature=0.0,
+                                                   stop_token_ids=(stop,), min_tokens=5))
+    got = run_to_completion(engine)["m"]
+    assert got == expected and len(got) >= 5
