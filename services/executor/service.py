@@ -448,7 +448,16 @@ class ExecutorService(Service[ExecutorConfig]):
                 "all of them", ready_layers=copy.ready_layers)
         if self.driver is None and self._engine_task is not None:
             await asyncio.wait({self._engine_task}, timeout=ENGINE_WAIT_S)
-        if self.driver is None or copy is not self.copy:
+            if self.driver is None and not self._engine_task.done() and copy is self.copy:
+                # still building (a starved CPU): a retryable refusal, so the router tries
+                # another route instead of failing the request (500)
+                raise LayersNotReady(f"executor {self.id} is still building its engine for "
+                                     f"{copy.model!r}", ready_layers=copy.ready_layers)
+        if copy is not self.copy:
+            # released or reassigned while the request waited: not this route's any more
+            raise LayersNotReady(f"executor {self.id} no longer serves this copy of "
+                                 f"{copy.model!r}", ready_layers=[])
+        if self.driver is None:
             raise EngineError(f"executor {self.id} has no engine for {copy.model!r}: "
                               f"{copy.load_error or 'not built'}")
         return self.driver

@@ -125,7 +125,7 @@ class ModelCatalog:
     async def start(self) -> None:
         """Open both buckets and mirror them; a JetStream that is not there yet is retried in
         the background (requests get a 503 saying so meanwhile)."""
-        self._warm = asyncio.ensure_future(asyncio.to_thread(tokenizer_classes))
+        self._warm = asyncio.ensure_future(asyncio.to_thread(tokenizer_class))
         try:
             await self._open()
         except LScaleError as exc:
@@ -347,26 +347,25 @@ class ModelCatalog:
 
 
 _IMPORT_LOCK = threading.Lock()
-_CLASSES: tuple[Any, Any] | None = None
+_CLASSES: dict[str, Any] = {}
 
 
-def tokenizer_classes() -> tuple[Any, Any]:
-    """``(AutoTokenizer, PreTrainedTokenizerFast)``, imported once under a lock: transformers
-    resolves these names lazily, and threads doing that at once can see a half-initialised
-    module."""
-    global _CLASSES
+def tokenizer_class(name: str = "PreTrainedTokenizerFast") -> Any:
+    """A class of ``transformers``, imported once under a lock: transformers resolves its
+    names lazily, and threads doing that at once can see a half-initialised module. The fast
+    class alone by default: ``AutoTokenizer`` costs seconds more (it imports the auto
+    machinery), and a router start must not wait for it."""
     with _IMPORT_LOCK:
-        if _CLASSES is None:
-            from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        if name not in _CLASSES:
+            import transformers
 
-            _CLASSES = (AutoTokenizer, PreTrainedTokenizerFast)
-        return _CLASSES
+            _CLASSES[name] = getattr(transformers, name)
+        return _CLASSES[name]
 
 
 def _build_tokenizer(name: str, files: Mapping[str, bytes | str]) -> Any:
     # with a tokenizer.json, the fast tokenizer class directly: AutoTokenizer gives the same
     # tokenizer but imports torch first (seconds of CPU and hundreds of MB in the router)
-    auto_tokenizer, fast_tokenizer = tokenizer_classes()
     with tempfile.TemporaryDirectory(prefix="lscale-tok-") as tmp:
         for filename, data in files.items():
             path = Path(tmp) / filename
@@ -376,8 +375,8 @@ def _build_tokenizer(name: str, files: Mapping[str, bytes | str]) -> Any:
                 path.write_bytes(data)
         try:
             if "tokenizer.json" in files:
-                return fast_tokenizer.from_pretrained(tmp)
-            return auto_tokenizer.from_pretrained(tmp)
+                return tokenizer_class().from_pretrained(tmp)
+            return tokenizer_class("AutoTokenizer").from_pretrained(tmp)
         except Exception as exc:  # transformers raises many unrelated types for bad files
             raise CheckpointError(f"cannot build the tokenizer of {name!r}: "
                                   f"{type(exc).__name__}: {exc}") from exc
