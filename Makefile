@@ -11,7 +11,7 @@ EXECUTORS ?= 2
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test test-clients lint typecheck bench clean venv image compose-smoke compose-two-hosts
+.PHONY: run test test-clients lint typecheck bench clean venv image compose-smoke compose-two-hosts chaos
 
 venv: $(STAMP)
 
@@ -51,6 +51,13 @@ compose-two-hosts: $(STAMP)
 # lm-eval-harness (vs its own hf backend) and guidellm, unchanged, against a real lscale up
 test-clients: $(STAMP)
 	$(VENV)/bin/pytest -m clients -p no:cacheprovider tests/cluster/test_clients.py
+
+# SIGKILL / SIGSTOP of every service kind and of nats-server (one node of a 3-node NATS cluster,
+# and the only one) under a steady load and during a multicast; prints the table (README,
+# "Reliability"). A few minutes; run it on a quiet machine: its bounds are seconds.
+CHAOS_TABLE ?= chaos-table.md
+chaos: $(STAMP)
+	LSCALE_CHAOS_TABLE=$(CHAOS_TABLE) $(VENV)/bin/pytest -m chaos -p no:cacheprovider tests/chaos
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -446,9 +446,10 @@ class ExecutorService(Service[ExecutorConfig]):
                 f"executor {self.id} holds {len(copy.ready_layers)} of "
                 f"{copy.manifest.num_layers} layers of {copy.model!r}; a whole request needs "
                 "all of them", ready_layers=copy.ready_layers)
-        if self.driver is None and self._engine_task is not None:
-            await asyncio.wait({self._engine_task}, timeout=ENGINE_WAIT_S)
-            if self.driver is None and not self._engine_task.done() and copy is self.copy:
+        building = self._engine_task  # (a release meanwhile may clear the attribute)
+        if self.driver is None and building is not None:
+            await asyncio.wait({building}, timeout=ENGINE_WAIT_S)
+            if self.driver is None and not building.done() and copy is self.copy:
                 # still building (a starved CPU): a retryable refusal, so the router tries
                 # another route instead of failing the request (500)
                 raise LayersNotReady(f"executor {self.id} is still building its engine for "
@@ -538,16 +539,19 @@ class ExecutorService(Service[ExecutorConfig]):
         if len(stages) <= 1 or copy.complete:
             # a complete copy serves new requests locally, whatever route the router picked
             driver = await self._local_driver(copy)
-            running_to = driver.reply_to_of(request.request_id)
-            if running_to is not None and running_to != request.reply_to:
-                # A newer attempt (the router re-dispatched it: a route or its connection
-                # broke; each attempt has its own reply subject) can overtake the cancel of
-                # the old one: end the old one here. The same reply subject again is a
-                # duplicate, refused below.
-                driver.cancel(request.request_id)
-            # a cancel of this id (just above, or just before this request) must have taken
-            # effect first, or the old attempt's last tokens would go to this one
-            await driver.settled(request.request_id)
+            for _ in range(4):  # attempts arriving together: the last one to arrive runs
+                running_to = driver.reply_to_of(request.request_id)
+                if running_to is not None and running_to != request.reply_to:
+                    # A newer attempt (the router re-dispatched it: a route or its connection
+                    # broke; each attempt has its own reply subject) can overtake the cancel
+                    # of the old one: end the old one here. The same reply subject again is a
+                    # duplicate, refused by submit.
+                    driver.cancel(request.request_id)
+                # a cancel of this id (just above, or just before this request) must have
+                # taken effect first, or the old attempt's last tokens would go to this one
+                await driver.settled(request.request_id)
+                if driver.reply_to_of(request.request_id) in (None, request.reply_to):
+                    break
             driver.submit(request.request_id, request.prompt_token_ids, params,
                           request.reply_to)
             return Ack(ok=True, detail="local")

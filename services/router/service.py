@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from services.router.catalog import tokenizer_class
 from services.router.http import ApiConfig, create_app, http_protocol
 from services.router.httpguard import HttpTimeouts
 from services.router.metrics import RouterMetrics
@@ -136,6 +138,9 @@ class RouterService(Service[RouterConfig]):
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__(config)
+        # transformers' import takes seconds: start it now, beside connecting and binding,
+        # so that the first request after a (re)start does not wait for all of it
+        threading.Thread(target=tokenizer_class, name="warm-tokenizer", daemon=True).start()
         self.backend: NatsBackend | None = None
         self.http_port = 0
         self._server: _EmbeddedServer | None = None
