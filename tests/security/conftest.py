@@ -46,7 +46,7 @@ class Probe:
     errors: list[str] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def refusal(self, needle: str, timeout: float = 5.0) -> str:
+    async def refusal(self, needle: str, timeout: float = 15.0) -> str:
         """The server's error containing ``needle``, waiting for it to arrive (compared
         without case: nats-py lower-cases the server's permission errors)."""
         async with asyncio.timeout(timeout):
