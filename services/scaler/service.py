@@ -1224,7 +1224,7 @@ class ScalerService(Service[ScalerConfig]):
             reply = await self.bus.request(subjects.exec_ctl(executor_id),
                                            {"op": "grant", "model": model},
                                            reply_type=AssignReply,
-                                           timeout=self.config.executor_timeout_s)
+                                           timeout=self.config.assign_timeout_s)
         except LScaleError as exc:
             self.log.info("no write grant", executor=executor_id, model=model, error=str(exc))
             return {}

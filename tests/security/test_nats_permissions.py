@@ -160,7 +160,7 @@ async def test_every_identity_reads_only_what_its_kind_needs(probes: dict[str, P
                 concrete = pattern.replace("*", "x").replace(">", "x")
                 await admin.nc.publish(concrete, b"")
                 await admin.nc.flush()
-                await _seen(got, concrete)
+                await _seen(got, concrete, again=admin.nc)
                 assert not probe.refused(_subscribe_refusal(pattern)), (identity, pattern)
                 await sub.unsubscribe()
             else:
