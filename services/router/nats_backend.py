@@ -111,6 +111,12 @@ _COLD_REPORT_GAP_S = 0.05  # a cold-start load report goes out at most this ofte
 # ... and this long after the request that made it due: the rest of a burst that arrives
 # together is in it, so the scaler sizes the scale-out for the burst, not its first request
 _COLD_REPORT_HOLD_S = 0.02
+# An executor that reported this recently and has no responder is most likely failing over
+# to another NATS server (its subscriptions come back with it): retry after a pause instead
+# of dropping it, at most _TRANSIENT_TRIES times per request
+_FAILOVER_SEEN_S = 2.0
+_TRANSIENT_PAUSE_S = 0.2
+_TRANSIENT_TRIES = 15
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ class BackendSettings:
 @dataclass(frozen=True)
 class _Reroute:
     reason: str
+    counts: bool = True  # toward max_reroutes (not when our own connection was at fault)
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,7 @@ class _Flight:
     assignment: Assignment | None = None
     attempt: int = 0
     reroutes: int = 0
+    transient: int = 0  # re-placements after a NATS failover (not counted as reroutes)
     cancelled: bool = False
     others: dict[int, list[int]] = field(default_factory=dict)  # the other sequences' tokens
     done: set[int] = field(default_factory=set)  # sequences finished (as the router decided)
@@ -327,7 +335,7 @@ class NatsBackend:
                 if isinstance(item, _Fail):
                     raise item.error
                 if isinstance(item, _Reroute):
-                    await self._place(flight, item.reason)
+                    await self._place(flight, item.reason, counts=item.counts)
                     await self._send(flight)
                     continue
                 for event in self._events_of(flight, item):
@@ -406,7 +414,7 @@ class NatsBackend:
         for eid in executors:
             await self._publish(subjects.exec_cancel(eid),
                                 CancelRequest(request_id=flight.request_id))
-        flight.inbox.put_nowait(_Reroute("the router reconnected to NATS"))
+        flight.inbox.put_nowait(_Reroute("the router reconnected to NATS", counts=False))
 
     def _fail_queued(self, why: Callable[[str], LScaleError | None]) -> None:
         """Fail the requests waiting for a route whose model ``why`` gives a reason for."""
@@ -417,6 +425,18 @@ class NatsBackend:
             if error is not None:
                 self.table.cancel(flight.request_id)
                 flight.waiting.set_exception(error)
+
+    def _failing_over(self, executor_id: str, failure: LScaleError) -> bool:
+        """No responder (or no ack) from an executor that was alive a moment ago, or right
+        after our own reconnect: a NATS failover in progress, not a dead executor."""
+        if not isinstance(failure, NoResponders | RequestTimeout | NotConnected):
+            return False
+        now = self._clock()
+        if now - self._link_up_at < _FAILOVER_SEEN_S:
+            return True
+        seen = self._seen.get(executor_id)
+        return isinstance(failure, NoResponders) and seen is not None \
+            and now - seen < _FAILOVER_SEEN_S
 
     def _outage_error(self, _model: str) -> LScaleError:
         return Unavailable(f"the control plane is unreachable: no NATS connection for "
@@ -442,9 +462,9 @@ class NatsBackend:
 
     # --- placing and sending -------------------------------------------------------------
 
-    async def _place(self, flight: _Flight, reason: str) -> None:
+    async def _place(self, flight: _Flight, reason: str, *, counts: bool = True) -> None:
         """Get the flight a route (queueing with bounded wait), then announce it."""
-        if reason != "new":
+        if reason != "new" and counts:
             if flight.sampling.num_sequences > 1 and flight.any_tokens:
                 # several sequences cannot continue as one re-prefilled prompt
                 raise Unavailable(
@@ -507,6 +527,11 @@ class NatsBackend:
                         route=assignment.route.route_id, reason=reason)
             self._release(flight, tell_executors=True)
             flight.attempt += 1  # whatever that executor may still send is stale
+            if self._failing_over(target, failure) and flight.transient < _TRANSIENT_TRIES:
+                flight.transient += 1
+                await asyncio.sleep(_TRANSIENT_PAUSE_S)
+                await self._place(flight, reason, counts=False)
+                continue
             if isinstance(failure, NoResponders | ShuttingDown):
                 await self._drop_executor(target, reason)
             await self._place(flight, reason)
