@@ -67,7 +67,25 @@ async def kv_items(kv: KeyValue) -> dict[str, Any]:
 
     The watcher's ephemeral consumer gets a short inactivity threshold: with the default
     (minutes), a loop calling this would pile up consumers until JetStream's limit.
+
+    nats-py's watcher can signal "no initial values" before delivering any: when the server
+    has sent every message before the client asked for the consumer's info but none has been
+    handed to the watcher yet, it sees nothing pending and nothing delivered and queues the
+    end marker first (seen on a quiet machine: ``{}`` for a bucket of 4 keys). An empty pass
+    over a bucket that holds messages is therefore read again (a bucket holding only delete
+    markers stays empty after the retries, as it should).
     """
+    for _ in range(_EMPTY_READ_RETRIES):
+        out = await _kv_items_once(kv)
+        if out or (await kv.status()).values == 0:
+            return out
+    return out
+
+
+_EMPTY_READ_RETRIES = 4
+
+
+async def _kv_items_once(kv: KeyValue) -> dict[str, Any]:
     watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=2.0)
     out: dict[str, Any] = {}
     try:
