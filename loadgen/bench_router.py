@@ -285,7 +285,12 @@ async def _measure(args: argparse.Namespace, nats_url: str, router_pid: int) -> 
 async def _tokenizer(bus: Any) -> Any:
     from services.router.catalog import ModelCatalog
 
-    return await ModelCatalog(bus).tokenizer(MODEL)
+    catalog = ModelCatalog(bus)
+    await catalog.start()  # the catalog mirrors the registry's bucket (pushed, not polled)
+    try:
+        return await catalog.tokenizer(MODEL)
+    finally:
+        await catalog.aclose()
 
 
 def run(args: argparse.Namespace) -> int:
