@@ -418,8 +418,10 @@ def create_app(
     app.state.metrics = stats
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     app.add_middleware(_RequestIdHeader)
-    # added last, so outermost: no key, no size check, no parsing
-    app.add_middleware(KeyGate, api_keys=cfg.api_keys, metrics_keys=cfg.metrics_keys)
+    # added last, so outermost: no key, no size check, no parsing (without keys there is
+    # nothing to check: no layer on every request's path)
+    if cfg.api_keys or cfg.metrics_keys:
+        app.add_middleware(KeyGate, api_keys=cfg.api_keys, metrics_keys=cfg.metrics_keys)
 
     bearer = HTTPBearer(auto_error=False, description="API key, when the router has keys.")
 
