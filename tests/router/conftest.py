@@ -24,6 +24,7 @@ from services.router.backend import (
     TokenLogprobs,
 )
 from services.router.http import ApiConfig, create_app, http_protocol
+from services.router.httpguard import HttpTimeouts
 from shared.errors import ModelNotFound, NoCapacity
 
 CHATML = (
@@ -157,11 +158,14 @@ def free_socket() -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run ``app`` under a real uvicorn server on a free loopback port; yield its base URL."""
+async def serve(app: Any, timeouts: HttpTimeouts | None = None) -> AsyncIterator[str]:
+    """Run ``app`` under a real uvicorn server on a free loopback port; yield its base URL.
+    With ``timeouts``, the router's client timeouts (its idle timeout as uvicorn's keep-alive)."""
     sock = free_socket()
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", http=http_protocol())
+    keep_alive = max(1, int(timeouts.idle_timeout_s)) if timeouts else 5  # uvicorn's default
+    config = uvicorn.Config(app, log_level="warning", lifespan="off",
+                            http=http_protocol(timeouts), timeout_keep_alive=keep_alive)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

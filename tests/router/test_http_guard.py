@@ -5,7 +5,6 @@ slow or silent connections closed. A real uvicorn server with the router's own p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,32 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from services.router.http import ApiConfig, create_app, http_protocol
+from services.router.http import ApiConfig, create_app
 from services.router.httpguard import HttpTimeouts
-from tests.router.conftest import EchoBackend, free_socket
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Any, timeouts: HttpTimeouts | None = None) -> AsyncIterator[str]:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    idle = timeouts.idle_timeout_s if timeouts else 60.0
-    config = uvicorn.Config(app, log_level="warning", lifespan="off",
-                            http=http_protocol(timeouts), timeout_keep_alive=max(1, int(idle)))
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.005)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(task, 10)
-        sock.close()
+from tests.router.conftest import EchoBackend, serve
 
 
 class CountingBackend(EchoBackend):
