@@ -298,6 +298,27 @@ class E2ECluster:
         return openai.AsyncOpenAI(base_url=f"{self.http_url}/v1", api_key="unused",
                                   max_retries=0, timeout=timeout)
 
+    async def served_tokens(self, model: str, prompt: list[int], max_tokens: int = 6,
+                            timeout: float = 120.0) -> list[int]:
+        """The token ids the cluster generated for a greedy completion of ``prompt``, as seen on
+        the wire (retrying while the model has no instance: 503)."""
+        async with self.client() as client, asyncio.timeout(timeout):
+            while True:
+                try:
+                    await client.completions.create(model=model, prompt=prompt,
+                                                    max_tokens=max_tokens, temperature=0,
+                                                    extra_body={"ignore_eos": True})
+                    break
+                except openai.APIStatusError:
+                    await asyncio.sleep(0.5)
+            while True:
+                ids = [rid for rid, tries in self.tap.requests.items()
+                       if tries[0][2].prompt_token_ids == prompt
+                       and self.tap.finished_at(rid) is not None]
+                if ids:
+                    return self.tap.tokens(ids[-1])
+                await asyncio.sleep(0.05)
+
     async def add_model(self, name: str, checkpoint: Path, blocks: int) -> dict[str, Any]:
         """Add a checkpoint to the store (ingest into ``blocks`` blocks); its manifest."""
         assert self.bus is not None

@@ -12,7 +12,6 @@ from pathlib import Path
 import msgpack
 import nats
 import nats.errors
-import openai
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -177,28 +176,9 @@ async def test_attacks_are_refused_and_the_cluster_still_serves(
                           credentials=secure_nats.credentials) as cluster:
         await cluster.add_model("m", checkpoint.directory, blocks=4)
         await cluster.deploy("m", min_instances=1, max_instances=2)
-        async def greedy_tokens(prompt: list[int]) -> list[int]:
-            """The token ids the cluster generated for ``prompt`` (as seen on the wire)."""
-            async with cluster.client() as client:
-                async with asyncio.timeout(90):
-                    while True:
-                        try:
-                            await client.completions.create(
-                                model="m", prompt=prompt, max_tokens=6, temperature=0,
-                                extra_body={"ignore_eos": True})
-                            break
-                        except openai.APIStatusError:  # 503 until an instance is up
-                            await asyncio.sleep(0.5)
-                    while True:
-                        ids = [rid for rid, tries in cluster.tap.requests.items()
-                               if tries[0][2].prompt_token_ids == prompt
-                               and cluster.tap.finished_at(rid) is not None]
-                        if ids:
-                            return cluster.tap.tokens(ids[-1])
-                        await asyncio.sleep(0.05)
 
         first, second = [5, 17, 42, 9, 11], [7, 3, 99, 120, 4]
-        assert await greedy_tokens(first) == checkpoint.greedy(first, 6)
+        assert await cluster.served_tokens("m", first) == checkpoint.greedy(first, 6)
         holder = next(e for e in cluster.executors.values() if e.copy is not None)
 
         # as a router: release the model, undeploy it, add one, spoof readiness, load reports
@@ -228,7 +208,7 @@ async def test_attacks_are_refused_and_the_cluster_still_serves(
             await dashboard.nc.close()
 
         assert holder.copy is not None and holder.copy.model == "m"
-        assert await greedy_tokens(second) == checkpoint.greedy(second, 6)
+        assert await cluster.served_tokens("m", second) == checkpoint.greedy(second, 6)
         assert cluster.bus is not None
         listing = await cluster.bus.request(subjects.SCALER_LIST, {}, timeout=5)
         assert [d["spec"]["name"] for d in listing["deployments"]] == ["m"]

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import openai
 import pytest
 import xxhash
 
@@ -154,26 +153,6 @@ def _tokens_in(value: Any, found: set[str]) -> None:
             _tokens_in(v, found)
 
 
-async def _greedy_tokens(cluster: E2ECluster, prompt: list[int]) -> list[int]:
-    """The ids the cluster generated for ``prompt`` (retrying while it has no instance)."""
-    async with cluster.client() as client:
-        async with asyncio.timeout(120):
-            while True:
-                try:
-                    await client.completions.create(model="m", prompt=prompt, max_tokens=6,
-                                                    temperature=0, extra_body={"ignore_eos": True})
-                    break
-                except openai.APIStatusError:
-                    await asyncio.sleep(0.5)
-            while True:
-                ids = [rid for rid, tries in cluster.tap.requests.items()
-                       if tries[0][2].prompt_token_ids == prompt
-                       and cluster.tap.finished_at(rid) is not None]
-                if ids:
-                    return cluster.tap.tokens(ids[-1])
-                await asyncio.sleep(0.05)
-
-
 @pytest.mark.slow
 async def test_every_token_an_attacker_can_learn_is_refused_by_a_serving_region(
         secure_nats: SecureServer, tmp_path: Path) -> None:
@@ -195,7 +174,7 @@ async def test_every_token_an_attacker_can_learn_is_refused_by_a_serving_region(
         await cluster.deploy("m", min_instances=1, max_instances=1)
         prompt = [9, 8, 7, 6, 5]
         want = checkpoint.greedy(prompt, 6)
-        assert await _greedy_tokens(cluster, prompt) == want
+        assert await cluster.served_tokens("m", prompt) == want
         holder = next(e for e in cluster.executors.values()
                       if e.copy is not None and e.copy.complete)
         copy: WeightCopy = holder.copy  # type: ignore[assignment]
@@ -215,8 +194,8 @@ async def test_every_token_an_attacker_can_learn_is_refused_by_a_serving_region(
             await writer.close()
         assert xxhash.xxh3_64_hexdigest(copy.peer.buffer) == before
         second = [4, 40, 44, 100, 3]
-        assert await _greedy_tokens(cluster, second) == checkpoint.greedy(second, 6)
-        assert await _greedy_tokens(cluster, prompt[:4]) == checkpoint.greedy(prompt[:4], 6)
+        assert await cluster.served_tokens("m", second) == checkpoint.greedy(second, 6)
+        assert await cluster.served_tokens("m", prompt[:4]) == checkpoint.greedy(prompt[:4], 6)
 
 
 @pytest.mark.slow
@@ -256,7 +235,7 @@ async def test_a_block_corrupted_in_flight_is_sent_again_and_never_served(
         await cluster.add_model("m", checkpoint.directory, blocks=4)
         await cluster.deploy("m", min_instances=executors, max_instances=executors)
         prompt = [12, 13, 14, 15]
-        assert await _greedy_tokens(cluster, prompt) == checkpoint.greedy(prompt, 6)
+        assert await cluster.served_tokens("m", prompt) == checkpoint.greedy(prompt, 6)
         async with asyncio.timeout(60):  # every receiver whole (the first may serve alone)
             while not all(e.copy is not None and e.copy.complete
                           for e in cluster.executors.values()):
@@ -278,4 +257,4 @@ async def test_a_block_corrupted_in_flight_is_sent_again_and_never_served(
                       and layers & set(s.body.get("ready_layers", []))]
             assert claims and all(s.at >= verified_at for s in claims), executor.id
         for prompt in ([21, 22, 23], [30, 31, 32, 33, 34]):  # any instance serves right
-            assert await _greedy_tokens(cluster, prompt) == checkpoint.greedy(prompt, 6)
+            assert await cluster.served_tokens("m", prompt) == checkpoint.greedy(prompt, 6)
