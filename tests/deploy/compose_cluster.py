@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 BUILD_SCRIPT = COMPOSE_DIR / "build-image.sh"
@@ -44,6 +46,18 @@ def engine_problem() -> str | None:
     if compose_cli() is None:
         return "neither `docker compose` nor `docker-compose` is installed"
     return None
+
+
+MODEL = "tiny-llama"  # what the compose `seed` service deploys (services/cli/cluster.py)
+IMAGE = os.environ.get("LSCALE_IMAGE", "lscale:latest")
+
+
+def docker_marks() -> list[pytest.MarkDecorator]:
+    """The ``pytestmark`` of a compose test: marker ``docker``, a long timeout, and a skip with
+    the reason when no Docker engine answers."""
+    problem = engine_problem()
+    return [pytest.mark.docker, pytest.mark.timeout(1500),
+            pytest.mark.skipif(problem is not None, reason=problem or "")]
 
 
 def compose_cli() -> list[str] | None:

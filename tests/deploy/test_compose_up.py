@@ -18,28 +18,21 @@ import time
 import uuid
 
 import httpx
-import pytest
 
 from tests.deploy.compose_cluster import (
     COMPOSE_DIR,
+    IMAGE,
+    MODEL,
     ComposeProject,
     build_image,
-    engine_problem,
+    docker_marks,
     free_port,
     lscale,
     status_executors,
     wait_for,
 )
 
-_PROBLEM = engine_problem()
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.timeout(1500),
-    pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or ""),
-]
-
-MODEL = "tiny-llama"  # what the compose `seed` service deploys (services/cli/cluster.py)
-IMAGE = os.environ.get("LSCALE_IMAGE", "lscale:latest")
+pytestmark = docker_marks()
 
 
 def first_completion(base_url: str) -> str | None:

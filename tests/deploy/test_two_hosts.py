@@ -21,27 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.deploy.compose_cluster import (
+    IMAGE,
+    MODEL,
     ComposeProject,
     build_image,
-    engine_problem,
+    docker_marks,
     free_port,
     lscale,
     status_executors,
     wait_for,
 )
 
-_PROBLEM = engine_problem()
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.timeout(1500),
-    pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or ""),
-]
-
-MODEL = "tiny-llama"
-IMAGE = os.environ.get("LSCALE_IMAGE", "lscale:latest")
+pytestmark = docker_marks()
 SHOWN = ("scale.provision", "scale.multicast", "transfer.done", "executor.complete",
          "request.routed", "scale.provision.failed", "scale.multicast.failed")
 
