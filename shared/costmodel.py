@@ -36,6 +36,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from shared.errors import InvalidParameter
+from shared.model.config import ModelConfig
+from shared.model.layout import DTYPE_SIZES
 
 GB = 1e9
 TERA = 1e12
@@ -332,18 +334,11 @@ def check_published(figures: Iterable[PublishedFigure] = PUBLISHED) -> list[Figu
     return checks
 
 
-def shape_from_hf_config(name: str, config: dict[str, object], dtype_bytes: int = 2) -> ModelShape:
-    """A :class:`ModelShape` from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2)."""
-    def field(key: str, default: object = None) -> int:
-        value = config.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InvalidParameter(f"config.json: {key} must be a positive integer, got {value!r}",
-                                   field=key)
-        return value
-    heads = field("num_attention_heads")
+def shape_of(name: str, config: ModelConfig) -> ModelShape:
+    """The :class:`ModelShape` of a checkpoint the store read (its parsed ``config.json``)."""
     return ModelShape(
-        name=name, num_layers=field("num_hidden_layers"), hidden_size=field("hidden_size"),
-        intermediate_size=field("intermediate_size"), num_heads=heads,
-        num_kv_heads=field("num_key_value_heads", heads), vocab_size=field("vocab_size"),
-        dtype_bytes=dtype_bytes, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        name=name, num_layers=config.num_layers, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_heads=config.num_heads,
+        num_kv_heads=config.num_kv_heads, vocab_size=config.vocab_size,
+        dtype_bytes=DTYPE_SIZES[config.dtype], tied_embeddings=config.tie_word_embeddings,
         source="config.json")

@@ -19,12 +19,12 @@ from shared.costmodel import (
     check_published,
     parse_pace,
     request_seconds,
-    shape_from_hf_config,
+    shape_of,
     step_seconds,
     step_work,
 )
 from shared.engine.runner import Chunk, ModelRunner
-from shared.errors import InvalidParameter
+from shared.errors import CheckpointError, InvalidParameter
 from shared.model.config import ModelConfig
 from shared.model.tiny import TinySpec, create_tiny
 
@@ -49,7 +49,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_shape_from_a_real_checkpoint_counts_its_tensors(
         tiny: tuple[dict[str, object], dict[str, torch.Tensor]]) -> None:
     config, weights = tiny
-    shape = shape_from_hf_config("tiny", config, dtype_bytes=4)
+    shape = shape_of("tiny", ModelConfig.from_hf_dict(config))
     assert shape.num_params == sum(t.numel() for t in weights.values())
     assert shape.weight_bytes == sum(t.numel() * t.element_size() for t in weights.values())
 
@@ -61,7 +61,7 @@ def test_linear_flops_equal_torchs_count_of_the_real_runner(
     norms. What it sees must equal the model's count exactly: a prefill alone, a mixed batch,
     and a stage of the middle layers."""
     config, weights = tiny
-    shape = shape_from_hf_config("tiny", config, dtype_bytes=4)
+    shape = shape_of("tiny", ModelConfig.from_hf_dict(config))
     runner = ModelRunner(ModelConfig.from_hf_dict(config), weights, device="cpu",
                          kv_budget_bytes=1 << 22)
 
@@ -166,8 +166,8 @@ def test_pace_labels_round_trip() -> None:
 
 
 def test_bad_config_is_refused() -> None:
-    with pytest.raises(InvalidParameter, match="must be a positive integer"):
-        shape_from_hf_config("x", {"hidden_size": 8})
+    with pytest.raises(CheckpointError, match="must be a positive integer"):
+        shape_of("x", ModelConfig.from_hf_dict({"hidden_size": 8}))
 
 
 def test_cli_prints_the_table_as_json(capsys: pytest.CaptureFixture[str]) -> None:
