@@ -188,13 +188,23 @@ class ModelCatalog:
         return {n: e for n, e in self._store.items() if deployed is None or n in deployed}
 
     async def entry(self, name: str) -> CatalogEntry:
-        entry = (await self.models()).get(name)
+        entry = await self._servable(name)
         if entry is None:
             await self._catch_up()
-            entry = (await self.models()).get(name)
+            entry = await self._servable(name)
         if entry is not None:
             return entry
         raise self._why_not(name, await self._deployed() or set())
+
+    async def _servable(self, name: str) -> CatalogEntry | None:
+        """``models().get(name)`` without building the whole list (this is every request's
+        path)."""
+        self._require_mirrors()
+        entry = self._store.get(name)
+        if entry is None:
+            return None
+        deployed = await self._deployed()
+        return entry if deployed is None or name in deployed else None
 
     def unservable(self, name: str) -> LScaleError | None:
         """Why ``name`` cannot be served now, from the mirrors alone (no request); None when
