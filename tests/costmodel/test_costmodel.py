@@ -166,8 +166,8 @@ def test_pace_labels_round_trip() -> None:
 
 
 def test_bad_config_is_refused() -> None:
-    with pytest.raises(CheckpointError, match="must be a positive integer"):
-        shape_of("x", ModelConfig.from_hf_dict({"hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="num_attention_heads"):
+        shape_of("x", ModelConfig.from_hf_dict({"model_type": "llama", "hidden_size": 8}))
 
 
 def test_cli_prints_the_table_as_json(capsys: pytest.CaptureFixture[str]) -> None:
