@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from services.transfer.planner import Edge, MulticastPlan, replan
+from services.transfer.planner import Edge, MulticastPlan, ready_edges, replan
 from shared.errors import ChecksumMismatch, LScaleError, PlanError, TransportError
 
 log = structlog.get_logger("transfer.driver")
@@ -144,29 +144,14 @@ class TransferDriver:
         try:
             while True:
                 self._wake.clear()
-                pending = self._pending
-                # start every ready edge whose sender and receiver have a free slot; in order
-                # mode only an edge that is next in plan order for both its sender and its
-                # receiver (no later edge may take a slot that an earlier one is waiting for)
-                still: list[Edge] = []
-                waiting_src: set[str] = set()
-                waiting_dst: set[str] = set()
-                for e in pending:
-                    if e.src not in self.alive or e.dst not in self.alive:
-                        continue
-                    if e.chunk in self.held[e.dst]:
-                        continue  # already there (re-plans can overlap)
-                    first = e.src not in waiting_src and e.dst not in waiting_dst
-                    if ((first or not self.in_order) and e.chunk in self.held[e.src]
-                            and sending[e.src] < self.sends_per_node
-                            and receiving[e.dst] < self.receives_per_node):
-                        sending[e.src] += 1
-                        receiving[e.dst] += 1
-                        running[asyncio.ensure_future(self.send(e))] = e
-                    else:
-                        still.append(e)
-                        waiting_src.add(e.src)
-                        waiting_dst.add(e.dst)
+                # start every ready edge whose sender and receiver have a free slot (the
+                # edge rule is the planner's, shared with the simulator)
+                started, still = ready_edges(self._pending, self.held, self.alive, sending,
+                                             receiving, sends_per_node=self.sends_per_node,
+                                             receives_per_node=self.receives_per_node,
+                                             in_order=self.in_order)
+                for e in started:
+                    running[asyncio.ensure_future(self.send(e))] = e
                 self._pending = still
                 if not running:
                     if done_receivers():

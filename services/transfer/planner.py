@@ -333,6 +333,49 @@ def plan_multicast(strategy: str, holders: Sequence[str], receivers: Sequence[st
 
 
 # --------------------------------------------------------------------------------------------
+# the edge rule: which pending edges may start now (the driver and the simulator both run it)
+# --------------------------------------------------------------------------------------------
+
+
+def ready_edges(pending: Sequence[Edge], held: Mapping[str, set[int] | frozenset[int]],
+                alive: set[str] | frozenset[str], sending: dict[str, int],
+                receiving: dict[str, int], *, sends_per_node: int = 1,
+                receives_per_node: int = 1, in_order: bool = True
+                ) -> tuple[list[Edge], list[Edge]]:
+    """Split ``pending`` (plan order) into the edges to start now and those still waiting.
+
+    An edge starts when its sender holds the chunk and both its sender and receiver have a
+    free slot (``sending``/``receiving`` count the edges running per node; they are
+    incremented here for every edge started). In order mode only an edge that is the next
+    unstarted edge of both its sender and its receiver may start: a later edge started early
+    would hold a slot that an earlier, critical one is about to need. Edges to or from a
+    node not ``alive`` are dropped, and so are edges whose chunk the receiver already holds
+    (re-plans can overlap).
+    """
+    start: list[Edge] = []
+    still: list[Edge] = []
+    waiting_src: set[str] = set()
+    waiting_dst: set[str] = set()
+    for e in pending:
+        if e.src not in alive or e.dst not in alive:
+            continue
+        if e.chunk in held[e.dst]:
+            continue
+        first = e.src not in waiting_src and e.dst not in waiting_dst
+        if ((first or not in_order) and e.chunk in held[e.src]
+                and sending.get(e.src, 0) < sends_per_node
+                and receiving.get(e.dst, 0) < receives_per_node):
+            sending[e.src] = sending.get(e.src, 0) + 1
+            receiving[e.dst] = receiving.get(e.dst, 0) + 1
+            start.append(e)
+        else:
+            still.append(e)
+            waiting_src.add(e.src)
+            waiting_dst.add(e.dst)
+    return start, still
+
+
+# --------------------------------------------------------------------------------------------
 # re-planning after a failure: finish from whatever the survivors hold
 # --------------------------------------------------------------------------------------------
 

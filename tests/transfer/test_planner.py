@@ -14,6 +14,7 @@ from services.transfer.planner import (
     binomial_pipeline,
     first_pipeline_tick,
     plan_multicast,
+    ready_edges,
     replan,
     validate_ticks,
 )
@@ -175,3 +176,33 @@ def test_lambdapipe_bound_exhaustive_small() -> None:
         for chunks in range(1, 41):
             ticks, met = binomial_pipeline(n, chunks)
             assert met and len(ticks) == binomial_bound(n, chunks), (n, chunks)
+
+
+def test_ready_edges_keeps_plan_order_per_node() -> None:
+    """The driver's edge rule: an edge starts only when its sender holds the chunk, both ends
+    have a free slot, and (in order) it is the next unstarted edge of both ends."""
+    pending = [Edge("h", "a", 0), Edge("a", "b", 0), Edge("h", "b", 1), Edge("h", "c", 2)]
+    held: dict[str, set[int]] = {"h": {0, 1, 2}, "a": set(), "b": set(), "c": set()}
+    sending: dict[str, int] = {}
+    receiving: dict[str, int] = {}
+    start, still = ready_edges(pending, held, {"h", "a", "b", "c"}, sending, receiving)
+    # a does not hold chunk 0 yet; h's later edges wait behind its first one (slot taken)
+    assert start == [Edge("h", "a", 0)]
+    assert still == pending[1:]
+    assert sending == {"h": 1} and receiving == {"a": 1}
+    # out of order, b's second edge may start while a->b waits for its chunk... but h's
+    # slot is still taken, so nothing more starts
+    start2, _ = ready_edges(still, held, {"h", "a", "b", "c"}, sending, receiving,
+                            in_order=False)
+    assert start2 == []
+    # the first edge done: a holds 0 -> a->b starts; h->b waits (b busy) and h->c, h's
+    # later edge, waits behind it in order, but not out of order
+    held["a"].add(0)
+    start3, still3 = ready_edges(still, held, {"h", "a", "b", "c"}, {}, {})
+    assert start3 == [Edge("a", "b", 0)]
+    assert still3 == [Edge("h", "b", 1), Edge("h", "c", 2)]
+    start4, _ = ready_edges(still, held, {"h", "a", "b", "c"}, {}, {}, in_order=False)
+    assert start4 == [Edge("a", "b", 0), Edge("h", "c", 2)]
+    # a dead receiver's edges are dropped, an already-held chunk is skipped
+    held["b"].add(1)
+    assert ready_edges(still3, held, {"h", "a"}, {}, {}) == ([], [])
