@@ -1,0 +1,698 @@
+"""The simulated platform: router, executors, loading, scaler — deciding with the real cores.
+
+* **Router** — one :class:`~services.router.routing.RoutingTable` per model (the service keeps
+  one for all models; tables never share an executor's work, since an executor serves one
+  model at a time, so splitting them changes no decision and keeps each table small). Requests
+  are submitted, dispatched, completed and expired through it; readiness of partial copies
+  goes through ``update_readiness``, so its pipeline builder forms the execution pipelines.
+* **Executors** — each local instance and each execution pipeline is a
+  :class:`~loadgen.sim.engine.SimEngine` (the batch scheduler, paced by the cost model).
+* **Loading** — a multicast is the planner's plan (:func:`~services.transfer.planner.plan_multicast`)
+  run edge by edge under the driver's edge rule (:func:`~services.transfer.planner.ready_edges`),
+  each chunk taking ``chunk_bytes / min(sender, receiver link)`` after the links are free
+  (a link carries one chunk at a time across all transfers, so the store's link is shared by
+  everything it feeds). A receiver that leaves is re-planned around with
+  :func:`~services.transfer.planner.replan`. Host-memory copies load at PCIe rate, local-disk
+  copies at the node's disk rate (shared by the node's executors).
+* **Scaler** — every report interval: the router's :class:`~shared.messages.LoadReport` merged
+  by :func:`~services.scaler.policy.snapshot_from_reports`, :func:`~services.scaler.policy.decide`
+  per deployment, :func:`~services.scaler.reconcile.settle_pending` and
+  :func:`~services.scaler.reconcile.reconcile` (which calls placement), and its actions
+  carried out: assignments, multicasts, demotions to host memory (LRU), releases. A request
+  queued for a model without instances wakes the scaler at once, as the service does.
+
+What is not modelled: the control plane's message costs beyond a fixed latency, contention
+between a multicast and compute on one GPU, and between two engines on one executor (a
+draining pipeline and the local instance it became); failures.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from loadgen.sim.config import SimConfig, SimModel
+from loadgen.sim.engine import SimEngine, StageSpec
+from loadgen.sim.events import EventLoop
+from services.router.routing import Assignment, RouteChange, RouteKind, RoutingPolicy, RoutingTable
+from services.scaler.deployment import DeploymentSpec
+from services.scaler.placement import STORE_SOURCE_ID, HostCache, Tier
+from services.scaler.policy import PolicyState, decide, snapshot_from_reports
+from services.scaler.reconcile import (
+    Assign,
+    ClusterView,
+    Demote,
+    ExecutorReport,
+    InstanceRecord,
+    InstanceState,
+    PendingOp,
+    Release,
+    StartMulticast,
+    StoreHoldings,
+    reconcile,
+    settle_pending,
+)
+from services.transfer.planner import Edge, plan_multicast, ready_edges, replan
+from shared.errors import LScaleError, NoCapacity, PlanError
+from shared.messages import LoadReport
+
+PENDING_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class SimArrival:
+    at_s: float
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class SimRequest:
+    index: int
+    model: str
+    arrival: float
+    prompt: int
+    output: int
+    first_token: float | None = None
+    done: float | None = None
+    error: str | None = None
+    engine: str | None = None
+    reroutes: int = 0
+
+    @property
+    def rid(self) -> str:
+        return f"r{self.index}"
+
+
+@dataclass
+class LoadRecord:
+    executor: str
+    model: str
+    source: str  # "multicast:<tier>", "host", "disk", "warm"
+    assigned_s: float
+    first_layers_s: float | None = None
+    complete_s: float | None = None
+
+    @property
+    def load_s(self) -> float | None:
+        return None if self.complete_s is None else self.complete_s - self.assigned_s
+
+
+@dataclass
+class SimExecutor:
+    eid: str
+    node: int
+    host: HostCache
+    model: str | None = None
+    deployment: str | None = None
+    assigned_at: float | None = None
+    held: set[int] = field(default_factory=set)
+    complete: bool = False
+    load: LoadRecord | None = None
+    transfer: SimTransfer | None = None
+    gpu_s: float = 0.0
+
+
+class SimTransfer:
+    """One multicast: the planner's plan run under the driver's edge rule."""
+
+    def __init__(self, plat: Platform, model: SimModel, plan_edges: list[Edge],
+                 sources: Sequence[str], receivers: Sequence[str], source_rate: dict[str, float],
+                 parts: int) -> None:
+        self.plat = plat
+        self.model = model
+        self.parts = parts
+        self.num_chunks = model.blocks * parts
+        self.chunk_bytes = model.total_bytes / self.num_chunks
+        self.held: dict[str, set[int]] = {s: set(range(self.num_chunks)) for s in sources}
+        for r in receivers:
+            self.held[r] = set()
+        self.receivers = list(receivers)
+        self.alive: set[str] = set(sources) | set(receivers)
+        self.pending = plan_edges
+        self.sending: dict[str, int] = {}
+        self.receiving: dict[str, int] = {}
+        self.running = 0
+        self.source_rate = source_rate
+        self.replans = 0
+        self.done = False
+
+    def rate(self, node: str) -> float:
+        return self.source_rate.get(node, self.plat.cfg.cluster.link_bytes_s)
+
+    def pump(self) -> None:
+        plat = self.plat
+        now = plat.loop.now
+        start, self.pending = ready_edges(self.pending, self.held, self.alive, self.sending,
+                                          self.receiving)
+        for e in start:
+            begin = max(now, plat.send_free.get(e.src, 0.0), plat.recv_free.get(e.dst, 0.0))
+            end = begin + self.chunk_bytes / min(self.rate(e.src), self.rate(e.dst))
+            plat.send_free[e.src] = end
+            plat.recv_free[e.dst] = end
+            self.running += 1
+            plat.loop.at(end, self._edge_done, e)
+        if self.running == 0:
+            wanted = [r for r in self.receivers if r in self.alive]
+            if all(len(self.held[r]) == self.num_chunks for r in wanted):
+                self.done = True
+                return
+            try:
+                ticks = replan({n: self.held[n] for n in self.alive}, self.alive, wanted,
+                               self.num_chunks)
+            except PlanError:
+                self.done = True  # nobody left holds some chunk: the receivers stay loading
+                return
+            self.replans += 1
+            self.pending = [e for tick in ticks for e in tick]
+            if self.pending:
+                self.pump()
+
+    def _edge_done(self, e: Edge) -> None:
+        self.running -= 1
+        self.sending[e.src] -= 1
+        self.receiving[e.dst] -= 1
+        if e.src in self.alive and e.dst in self.alive:
+            self.held[e.dst].add(e.chunk)
+            self.plat.on_chunk(e.dst, self.model.name, e.chunk, self.parts)
+        self.pump()
+
+    def drop(self, node: str) -> None:
+        self.alive.discard(node)
+        if self.running == 0 and not self.done:
+            self.pump()
+
+
+class Platform:
+    def __init__(self, cfg: SimConfig, arrivals: Sequence[SimArrival]) -> None:
+        self.cfg = cfg
+        self.loop = EventLoop()
+        self.models = {m.name: m for m in cfg.models}
+        cl = cfg.cluster
+        d = cfg.deployment
+        self.specs = {m.name: DeploymentSpec(
+            name=m.name, model=m.name, min_instances=d.min_instances,
+            max_instances=min(d.max_instances or cl.executors, cl.executors),
+            target_concurrency=d.target_concurrency, keep_alive_s=d.keep_alive_s)
+            for m in cfg.models}
+        policy = RoutingPolicy(local_target_concurrency=cfg.local_target_concurrency,
+                               max_outstanding_per_route=cfg.max_outstanding_per_route,
+                               queue_limit=1_000_000, queue_wait_s=cfg.queue_wait_s,
+                               pipelines=cfg.mode.pipelines)
+        rng = random.Random(cfg.seed)
+        self.tables: dict[str, RoutingTable] = {}
+        for m in cfg.models:
+            table = RoutingTable(policy, random.Random(rng.random()))
+            table.set_model(m.name, m.num_layers)
+            self.tables[m.name] = table
+        host_budget = int(cl.host_budget_bytes / cl.executors_per_node) if cfg.mode.host_copies \
+            else 0
+        self.executors: dict[str, SimExecutor] = {}
+        width = len(str(cl.executors - 1))
+        for i in range(cl.executors):
+            eid = f"exec-{i:0{width}d}"
+            self.executors[eid] = SimExecutor(eid, i // cl.executors_per_node,
+                                              HostCache(host_budget))
+        self.requests = [SimRequest(i, a.model, a.at_s, max(1, a.prompt_tokens),
+                                    max(1, a.output_tokens)) for i, a in enumerate(arrivals)]
+        self.by_rid = {r.rid: r for r in self.requests}
+        self.engines: dict[str, SimEngine] = {}
+        self.engine_model: dict[str, str] = {}
+        self.send_free: dict[str, float] = {}
+        self.recv_free: dict[str, float] = {}
+        self.disk_free: dict[int, float] = {}
+        self.disk: dict[int, dict[str, float]] = {n: {} for n in range(cl.nodes)}  # model->used
+        self.records: dict[str, InstanceRecord] = {}
+        self.pending: tuple[PendingOp, ...] = ()
+        self.policy: dict[str, PolicyState] = {}
+        self.reports: dict[str, ExecutorReport] = {}
+        self.loads: list[LoadRecord] = []
+        self.multicasts: list[dict[str, object]] = []
+        self.timeline: list[tuple[float, int, int, int, int]] = []  # t, locals, pipes, queue, gpus
+        self.transfers: list[SimTransfer] = []
+        self.unfinished = len(self.requests)
+        self.last_arrival = max((r.arrival for r in self.requests), default=0.0)
+        self.ticks = 0
+        self.actions: dict[str, int] = {}
+        self._wake_at: float | None = None
+        self._readiness_due: dict[str, dict[str, frozenset[int]]] = {}
+        self.end_s = 0.0
+        self._active: set[str] = set()  # models with requests queued or running
+        self._setup_initial()
+        for r in self.requests:
+            self.loop.at(r.arrival, self._arrive, r)
+        self.loop.at(0.0, self._tick, True)
+
+    # --- initial state ----------------------------------------------------------------------
+
+    def _setup_initial(self) -> None:
+        cfg = self.cfg
+        free = iter(sorted(self.executors))
+        for model, n in sorted(cfg.warm.items()):
+            for _ in range(n):
+                e = self.executors[next(free)]
+                self._assign(e, model, model, "warm", 0.0)
+                e.held = set(range(self.models[model].blocks * cfg.parts))
+                self._complete(e)
+            self.policy[model] = PolicyState(desired=n, window=((0.0, n),), last_time=0.0)
+        for model, n in sorted(cfg.host.items()):
+            size = self.models[model].total_bytes
+            hosts = [e for e in sorted(self.executors) if self.executors[e].model is None]
+            for eid in hosts[len(hosts) - n:]:
+                e = self.executors[eid]
+                e.host = e.host.admit(model, size, 0.0).cache
+                self._report(e)
+        for model, nodes in sorted(cfg.disk.items()):
+            for node in nodes:
+                self._disk_keep(node, model, 0.0)
+        for e in self.executors.values():
+            self._report(e)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def _arrive(self, r: SimRequest) -> None:
+        now = self.loop.now
+        table = self.tables[r.model]
+        self._active.add(r.model)
+        try:
+            a = table.submit(r.model, r.rid, now)
+        except NoCapacity:
+            self._fail(r, "queue_full")
+            return
+        if a is not None:
+            self._dispatch(a)
+        elif not any(rec.model == r.model for rec in self.records.values()):
+            self._wake(now + self.cfg.report_latency_s)
+
+    def _dispatch(self, a: Assignment) -> None:
+        now = self.loop.now
+        r = self.by_rid[a.request_id]
+        model = self.models[r.model]
+        route = a.route
+        key = route.route_id
+        engine = self.engines.get(key)
+        if engine is None:
+            assert route.kind is RouteKind.PIPELINE and route.pipeline is not None
+            stages = [StageSpec(s.executor_id, s.start, s.stop) for s in route.pipeline.stages]
+            engine = self._engine(key, model, stages)
+        try:
+            engine.add(r.rid, r.prompt, r.output, now)
+        except LScaleError as exc:
+            # the executor refuses it (too long for a KV row): the client gets the error
+            self.tables[r.model].complete(r.rid)
+            self._fail(r, exc.code)
+            return
+        r.engine = key
+
+    def _engine(self, key: str, model: SimModel, stages: list[StageSpec]) -> SimEngine:
+        cl = self.cfg.cluster
+        engine = SimEngine(key, model.pace, stages, capacity=self._kv_rows(model),
+                           row_len=cl.max_seq_len, max_batch_tokens=cl.max_batch_tokens,
+                           link_bytes_s=cl.link_bytes_s, at=self.loop.at,
+                           on_token=self._on_token)
+        self.engines[key] = engine
+        self.engine_model[key] = model.name
+        return engine
+
+    def _kv_rows(self, model: SimModel) -> int:
+        cl = self.cfg.cluster
+        if cl.kv_rows is not None:
+            return cl.kv_rows
+        pace = model.pace
+        memory = (cl.gpu_memory_bytes or pace.gpu.memory_bytes) * pace.tensor_parallel
+        free = 0.9 * memory - model.total_bytes
+        per_row = cl.max_seq_len * pace.model.num_layers * pace.model.kv_bytes_per_token_layer
+        return max(1, int(free // per_row))
+
+    def _on_token(self, rid: str, t: float, finished: bool) -> None:
+        r = self.by_rid[rid]
+        if r.first_token is None:
+            r.first_token = t
+        if finished and r.done is None and r.error is None:
+            r.done = t
+            self.unfinished -= 1
+            table = self.tables[r.model]
+            table.complete(rid)
+            key = r.engine
+            r.engine = None
+            self._dispatch_waiting(r.model)
+            if key is not None:
+                self._retire_engine(key, r.model)
+
+    def _retire_engine(self, key: str, model: str) -> None:
+        """A pipeline engine no longer in the plan and without requests is gone."""
+        engine = self.engines.get(key)
+        if engine is None or not key.startswith("pipeline:") or not engine.idle:
+            return
+        plan = self.tables[model].plan(model)
+        if plan is None or key[len("pipeline:"):] not in plan.pipeline_ids:
+            del self.engines[key]
+            del self.engine_model[key]
+
+    def _dispatch_waiting(self, model: str) -> None:
+        table = self.tables[model]
+        if not table.queue_depth(model):
+            return
+        result = table.tick(self.loop.now)
+        for a in result.dispatched:
+            self._dispatch(a)
+        for q in result.expired:
+            self._fail(self.by_rid[q.request_id], "queue_timeout")
+
+    def _fail(self, r: SimRequest, why: str) -> None:
+        if r.done is None and r.error is None:
+            r.error = why
+            self.unfinished -= 1
+
+    # --- readiness ----------------------------------------------------------------------------
+
+    def on_chunk(self, eid: str, model: str, chunk: int, parts: int) -> None:
+        e = self.executors[eid]
+        if e.model != model or e.complete:
+            return
+        e.held.add(chunk)
+        m = self.models[model]
+        if len(e.held) >= m.blocks * parts:
+            self._complete(e)
+            return
+        block = chunk // parts
+        if not all(block * parts + p in e.held for p in range(parts)):
+            return
+        if e.load is not None and e.load.first_layers_s is None:
+            e.load.first_layers_s = self.loop.now
+        if self.cfg.mode.pipelines:
+            self._readiness(e, m, parts)
+
+    def _layers(self, e: SimExecutor, m: SimModel, parts: int) -> frozenset[int]:
+        out: set[int] = set()
+        for b, (lo, hi) in enumerate(m.block_layers):
+            if all(b * parts + p in e.held for p in range(parts)):
+                out.update(range(lo, hi))
+        return frozenset(out)
+
+    def _readiness(self, e: SimExecutor, m: SimModel, parts: int) -> None:
+        layers = self._layers(e, m, parts)
+        interval = self.cfg.readiness_interval_s
+        if interval <= 0:
+            self._apply_readiness(m.name, {e.eid: layers})
+            return
+        due = self._readiness_due.get(m.name)
+        if due is None:
+            self._readiness_due[m.name] = {e.eid: layers}
+            self.loop.after(interval, self._flush_readiness, m.name)
+        else:
+            due[e.eid] = layers
+
+    def _flush_readiness(self, model: str) -> None:
+        due = self._readiness_due.pop(model, None)
+        if due:
+            # an executor that completed or left meanwhile has had its own update
+            self._apply_readiness(model, {eid: ls for eid, ls in due.items()
+                                          if self.executors[eid].model == model
+                                          and not self.executors[eid].complete})
+
+    def _apply_readiness(self, model: str, updates: dict[str, frozenset[int]]) -> None:
+        table = self.tables[model]
+        for eid, layers in updates.items():
+            self._handle_change(table.update_readiness(model, eid, layers))
+        self._dispatch_waiting(model)
+
+    def _handle_change(self, change: RouteChange) -> None:
+        now = self.loop.now
+        for a in change.reroute:
+            r = self.by_rid[a.request_id]
+            key = r.engine
+            if key is not None and key in self.engines:
+                self.engines[key].drop(r.rid, now)
+            r.engine = None
+            r.reroutes += 1
+            try:
+                again = self.tables[r.model].submit(r.model, r.rid, now)
+            except NoCapacity:
+                self._fail(r, "queue_full")
+                continue
+            if again is not None:
+                self._dispatch(again)
+        for key in [k for k, m in self.engine_model.items() if m == change.model]:
+            self._retire_engine(key, change.model)
+
+    # --- executors ----------------------------------------------------------------------------
+
+    def _report(self, e: SimExecutor) -> None:
+        self.reports[e.eid] = ExecutorReport(
+            e.eid, 0.0, deployment=e.deployment, model=e.model, ready=e.complete,
+            host_budget_bytes=e.host.budget_bytes, host_copies=e.host.copies)
+
+    def _assign(self, e: SimExecutor, deployment: str, model: str, source: str,
+                now: float) -> None:
+        e.model, e.deployment, e.assigned_at = model, deployment, now
+        e.held, e.complete = set(), False
+        e.load = LoadRecord(e.eid, model, source, now)
+        self.loads.append(e.load)
+        self.records[e.eid] = InstanceRecord(e.eid, deployment, model, InstanceState.LOADING,
+                                             started_at=now, source_tier=source)
+        self._report(e)
+
+    def _complete(self, e: SimExecutor) -> None:
+        now = self.loop.now
+        assert e.model is not None
+        m = self.models[e.model]
+        e.complete = True
+        if e.load is not None:
+            e.load.complete_s = now
+            if e.load.first_layers_s is None:
+                e.load.first_layers_s = now
+        rec = self.records.get(e.eid)
+        if rec is not None:
+            self.records[e.eid] = replace(rec, state=InstanceState.READY)
+        self._report(e)
+        self._engine(f"local:{e.eid}", m, [StageSpec(e.eid, 0, m.num_layers)])
+        self._disk_keep(e.node, m.name, now)
+        self._apply_readiness(m.name, {e.eid: frozenset(range(m.num_layers))})
+
+    def _release(self, e: SimExecutor) -> None:
+        now = self.loop.now
+        model = e.model
+        if e.assigned_at is not None:
+            e.gpu_s += (now - e.assigned_at) * self.cfg.cluster.gpus_per_executor
+        e.transfer = None
+        for t in self.transfers:  # a receiver, or a source of a running multicast
+            if e.eid in t.alive:
+                t.drop(e.eid)
+        self.transfers = [t for t in self.transfers if not t.done]
+        e.model, e.deployment, e.assigned_at = None, None, None
+        e.held, e.complete = set(), False
+        self.records.pop(e.eid, None)
+        self._report(e)
+        if model is not None:
+            table = self.tables[model]
+            self._handle_change(table.update_readiness(model, e.eid, ()))
+            local = self.engines.pop(f"local:{e.eid}", None)
+            self.engine_model.pop(f"local:{e.eid}", None)
+            if local is not None and not local.idle:
+                # its requests were rerouted by the readiness change; nothing else runs there
+                pass
+            self._dispatch_waiting(model)
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def _load_local(self, e: SimExecutor, model: SimModel, rate: float, node_disk: bool) -> None:
+        """Blocks read one after another from a local tier (the node's disk is shared)."""
+        now = self.loop.now
+        begin = max(now, self.disk_free.get(e.node, 0.0)) if node_disk else now
+        per_block = model.block_bytes(0) / rate
+        if node_disk:
+            self.disk_free[e.node] = begin + per_block * model.blocks
+        parts = self.cfg.parts
+        blocks = range(model.blocks) if self.cfg.mode.pipelines else [model.blocks - 1]
+        for b in blocks:
+            when = begin + per_block * (b + 1)
+            chunks = range(parts * model.blocks) if b == model.blocks - 1 and \
+                not self.cfg.mode.pipelines else range(b * parts, (b + 1) * parts)
+            for c in chunks:
+                self.loop.at(when, self.on_chunk, e.eid, model.name, c, parts)
+
+    def _disk_keep(self, node: int, model: str, now: float) -> None:
+        cache = self.disk[node]
+        size = float(self.models[model].total_bytes)
+        cache.pop(model, None)
+        budget = self.cfg.cluster.disk_budget_bytes
+        while cache and sum(self.models[m].total_bytes for m in cache) + size > budget:
+            del cache[min(cache, key=lambda m: cache[m])]
+        if size <= budget:
+            cache[model] = now
+
+    def _start_multicast(self, action: StartMulticast) -> None:
+        req = action.request
+        model = self.models[req.model]
+        cl = self.cfg.cluster
+        receivers = [r for r in req.receivers if self.executors[r].model == req.model
+                     and not self.executors[r].complete]
+        if self.cfg.mode.local_disk and cl.disk_bytes_s >= cl.store_bytes_s:
+            # ServerlessLLM: a receiver whose node caches the checkpoint reads its own disk
+            # when that is the faster tier
+            rest = []
+            for r in receivers:
+                e = self.executors[r]
+                if req.model in self.disk[e.node]:
+                    self.disk[e.node][req.model] = self.loop.now
+                    if e.load is not None:
+                        e.load.source = "disk"
+                    self._load_local(e, model, cl.disk_bytes_s, node_disk=True)
+                else:
+                    rest.append(r)
+            receivers = rest
+        if not receivers:
+            return
+        sources = [s for s in req.sources if s == STORE_SOURCE_ID
+                   or (self.executors[s].model is not None or self.executors[s].host.holds(
+                       req.model))]
+        rates: dict[str, float] = {}
+        for s, tier in zip(req.sources, req.source_tiers or (req.source_tier,) * len(req.sources),
+                           strict=False):
+            if s == STORE_SOURCE_ID:
+                rate = cl.store_bytes_s
+                if tier is Tier.STORE_DISK:
+                    rate = min(rate, cl.store_disk_bytes_s)
+                rates[s] = rate
+        try:
+            plan = plan_multicast(req.strategy, sources, receivers, model.blocks, self.cfg.parts)
+        except PlanError:
+            return
+        t = SimTransfer(self, model, plan.edges(), sources, receivers, rates, self.cfg.parts)
+        for r in receivers:
+            self.executors[r].transfer = t
+        self.transfers.append(t)
+        self.multicasts.append({"at": self.loop.now, "model": req.model,
+                                "sources": list(sources), "receivers": list(receivers),
+                                "strategy": req.strategy, "tier": req.source_tier.value})
+        t.pump()
+
+    # --- the scaler ---------------------------------------------------------------------------
+
+    def _wake(self, when: float) -> None:
+        if self._wake_at is None or when < self._wake_at:
+            self._wake_at = when
+            self.loop.at(when, self._tick, False)
+
+    def _load_report(self, now: float) -> LoadReport:
+        queued: dict[str, int] = {}
+        running: dict[str, int] = {}
+        per_instance: dict[str, dict[str, int]] = {}
+        for model in sorted(self._active):
+            table = self.tables[model]
+            q, n = table.queue_depth(model), table.outstanding(model)
+            if not q and not n:
+                continue
+            queued[model], running[model] = q, n
+            plan = table.plan(model)
+            if plan is not None:
+                eids = [*plan.local, *(x for p in plan.pipelines for x in p.executors)]
+                per_instance[model] = {x: w for x in eids if (w := table.executor_work(x))}
+        self._active = set(queued)
+        return LoadReport(router_id="sim", time=now, queued=queued, running=running,
+                          per_instance=per_instance)
+
+    def _tick(self, periodic: bool) -> None:
+        now = self.loop.now
+        if not periodic:
+            if self._wake_at is None or abs(self._wake_at - now) > 1e-12:
+                return
+            self._wake_at = None
+        self.ticks += 1
+        cfg = self.cfg
+        snapshot = snapshot_from_reports([self._load_report(now)], now)
+        desired: dict[str, int] = {}
+        for name, spec in self.specs.items():
+            state = self.policy.get(name)
+            if state is None and name not in snapshot.models and spec.min_instances == 0:
+                desired[name] = 0  # never asked for: decide() would say 0 too, much cheaper
+                continue
+            decision, state = decide(spec, snapshot, state or PolicyState(last_time=now), now)
+            self.policy[name] = state
+            desired[name] = decision.desired
+            if decision.desired == 0 and not decision.outstanding and state.window == ((now, 0),):
+                del self.policy[name]  # back at zero and idle: forget, as a fresh deployment
+        self.pending = settle_pending(self.pending, self.records, now, PENDING_TIMEOUT_S)
+        view = ClusterView(
+            now=now, desired=desired, deployments=self.specs, instances=self.records,
+            executors=self.reports, pending=self.pending,
+            store=StoreHoldings(memory=frozenset(self.models), disk=frozenset(self.models),
+                                store_id=STORE_SOURCE_ID),
+            model_bytes={m: s.total_bytes for m, s in self.models.items()},
+            load=snapshot, executor_timeout_s=math.inf, strategy=cfg.mode.strategy)
+        result = reconcile(view)
+        self.pending = result.pending
+        for action in result.actions:
+            kind = type(action).__name__
+            self.actions[kind] = self.actions.get(kind, 0) + 1
+            if isinstance(action, Assign):
+                e = self.executors[action.executor_id]
+                source = "host" if action.transfer is None else \
+                    f"multicast:{action.source_tier.value}"
+                self._assign(e, action.deployment, action.model, source, now)
+                if action.transfer is None:
+                    m = self.models[action.model]
+                    e.host = e.host.touch(action.model, now)
+                    rate = cfg.cluster.pcie_bytes_s or m.pace.gpu.pcie_bytes_per_s
+                    self.loop.after(cfg.control_latency_s, self._load_local, e, m, rate, False)
+            elif isinstance(action, StartMulticast):
+                self.loop.after(cfg.control_latency_s, self._start_multicast, action)
+            elif isinstance(action, Demote):
+                e = self.executors[action.executor_id]
+                size = self.models[action.model].total_bytes
+                cache = e.host
+                for gone in action.evict:
+                    cache = cache.remove(gone)
+                admission = cache.admit(action.model, size, now)
+                if admission.admitted:
+                    e.host = admission.cache
+            elif isinstance(action, Release):
+                self._release(self.executors[action.executor_id])
+        if periodic:
+            self._sample(now)
+            if self._finished(now):
+                self.end_s = now
+                return
+            self.loop.after(cfg.reconcile_interval_s, self._tick, True)
+
+    def _sample(self, now: float) -> None:
+        locals_ = pipes = queue = 0
+        for model in self._active:
+            table = self.tables[model]
+            plan = table.plan(model)
+            if plan is not None:
+                locals_ += len(plan.local)
+                pipes += len(plan.pipelines)
+            queue += table.queue_depth(model)
+        assigned = sum(1 for e in self.executors.values() if e.model is not None)
+        self.timeline.append((now, locals_, pipes, queue, assigned))
+
+    def _finished(self, now: float) -> bool:
+        if now > self.last_arrival + self.cfg.drain_s:
+            return True
+        if self.unfinished or now < self.last_arrival:
+            return False
+        floor = sum(s.min_instances for s in self.specs.values())
+        return sum(1 for e in self.executors.values() if e.model is not None) <= floor
+
+    # --- running ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.loop.run()
+        now = self.end_s or self.loop.now
+        for e in self.executors.values():
+            if e.assigned_at is not None:
+                e.gpu_s += (now - e.assigned_at) * self.cfg.cluster.gpus_per_executor
+                e.assigned_at = now
+        for r in self.requests:
+            if r.done is None and r.error is None:
+                r.error = "unfinished"
+        self.end_s = now
+
+    @property
+    def gpu_seconds(self) -> float:
+        return sum(e.gpu_s for e in self.executors.values())
