@@ -142,7 +142,7 @@ def permissions(identity: str) -> SubjectPermissions | None:
     if identity == "router":
         return SubjectPermissions(
             publish=(*common_pub, own_metrics, events, _exec("infer"), _exec("cancel"),
-                     subjects.SCALER_LOAD, subjects.SCALER_LIST, subjects.STORE_LIST,
+                     subjects.READINESS_POLL, subjects.SCALER_LOAD, subjects.SCALER_LIST, subjects.STORE_LIST,
                      subjects.STORE_GET, subjects.STORE_HF_FILES, *js),
             subscribe=(*common_sub, f"{subjects.ROUTER_TOKENS_PREFIX}.>"),
             publish_deny=deny_ready)

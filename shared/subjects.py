@@ -76,6 +76,12 @@ def ready(executor_id: str) -> str:
     return f"{ROOT}.events.ready.{executor_id}"
 
 
+# Anyone who (re)starts with an empty routing table asks here; every executor answers at once
+# with its readiness on ``ready(<id>)`` instead of at its next beacon (seconds away). Under
+# the executors' own ``lscale.exec.>`` so their subscribe permission already covers it.
+READINESS_POLL = f"{ROOT}.exec.readiness"
+
+
 def event(kind: str) -> str:
     """Lifecycle events: ``instance.up``, ``transfer.done``, ``scale.out`` ..."""
     return f"{ROOT}.events.{kind}"

@@ -99,6 +99,7 @@ from shared.transport.peer import DataPlanePeer, serve_send_chunks
 LOAD_FROM = ("none", "host", "store")
 ENGINE_WAIT_S = 60.0  # a request that arrives while the engine is being built waits this long
 HOUSEKEEPING_S = 0.5
+_POLL_COALESCE_S = 0.05  # readiness polls closer together than this get one answer
 
 __all__ = ["ExecutorConfig", "ExecutorService"]
 
@@ -134,6 +135,7 @@ class ExecutorService(Service[ExecutorConfig]):
         self._assigned_since: float | None = None
         self._host_senders: dict[tuple[str, int], DataPlanePeer] = {}
         self._last_load_error = ""
+        self._last_poll_answer = float("-inf")
         self._metrics_endpoint: MetricsEndpoint | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -148,6 +150,7 @@ class ExecutorService(Service[ExecutorConfig]):
         await self.listen(subjects.exec_stage(self.id), self._stage)
         await self.listen(subjects.exec_cancel(self.id), self._cancel,
                           message_type=CancelRequest)
+        await self.listen(subjects.READINESS_POLL, self._on_readiness_poll)
         self.spawn(self._beacon(), "readiness")
         self.spawn(self._housekeeping(), "housekeeping")
 
@@ -189,6 +192,15 @@ class ExecutorService(Service[ExecutorConfig]):
     async def _publish_readiness(self) -> None:
         with contextlib.suppress(LScaleError):
             await self.bus.publish(subjects.ready(self.id), self.readiness())
+
+    async def _on_readiness_poll(self, _body: Any, _msg: Any) -> None:
+        """A restarted router (or scaler) wants the routes now, not at the next beacon. Polls
+        arriving together are answered once: the answer is the same."""
+        now = time.monotonic()
+        if now - self._last_poll_answer < _POLL_COALESCE_S:
+            return
+        self._last_poll_answer = now
+        await self._publish_readiness()
 
     async def _beacon(self) -> None:
         while True:

@@ -267,6 +267,9 @@ class NatsBackend:
             subjects.metrics("executor", "*"), self._on_executor_metrics))
         self._loop_task = asyncio.create_task(self._housekeeping(), name="router-housekeeping")
         self.bus.link.on_reconnect.append(self._on_reconnect)
+        # a (re)started router knows no route: ask every executor now rather than wait for
+        # their beacons (seconds), so serving resumes as soon as the HTTP port is bound
+        await self._poll_readiness()
         await self.catalog.start()
 
     async def stop(self) -> None:
@@ -398,6 +401,7 @@ class NatsBackend:
         have (re-prefill); executors' silence counts from now."""
         self._link_up_at = self._clock()
         self.catalog.resync()
+        self._background(self._poll_readiness())
         for flight in list(self._flights.values()):
             assignment = flight.assignment
             if assignment is None or flight.waiting is not None:
@@ -831,6 +835,12 @@ class NatsBackend:
         return sorted(set(self.table.models()) | set(self.table.queued_models()))
 
     # --- sending helpers -----------------------------------------------------------------
+
+    async def _poll_readiness(self) -> None:
+        try:
+            await self.bus.publish(subjects.READINESS_POLL, {})
+        except LScaleError as exc:  # the beacons still come; this only makes them early
+            log.warning("could not poll executors' readiness", error=str(exc))
 
     async def _emit(self, kind: str, *, model: str | None = None, reason: str = "",
                     **data: Any) -> None:
