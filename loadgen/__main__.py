@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-e2e": ("loadgen.bench_e2e", "end-to-end trace replay in three modes"),
     "cost-model": ("loadgen.cost_model", "modelled GPU step times and their published checks"),
     "replay": ("loadgen.replay", "replay a request trace against a router"),
+    "sim": ("loadgen.sim.cli", "discrete-event simulation of the platform at any size"),
 }
 
 

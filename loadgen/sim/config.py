@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from loadgen import scenarios
 from shared.costmodel import Pace, parse_pace
 from shared.errors import ConfigError
 from shared.model.layout import split_layers
@@ -26,34 +27,37 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class SimMode:
-    """A scaling design: the scaler's multicast strategy and the router's execute-while-load.
+    """A scaling design: the scaler's strategy and the router's execute-while-load.
 
-    ``host_copies``: scale-in demotes to host memory and host copies are loaded locally;
-    ``local_disk``: a new instance whose node caches the checkpoint on its disk reads it from
-    there instead of the network (ServerlessLLM's fastest-local-tier loading).
+    ``strategy`` is the mode's name for it in :data:`loadgen.scenarios.MODES` (bench-e2e's);
+    ``plan_strategy`` is what the scaler's reconcile and the planner run here. They differ for
+    ``serverlessllm`` (``local_tiers``): placement does not implement that strategy yet, so the
+    sim runs ``pull_from_store`` placement and gives each receiver whose node caches the
+    checkpoint (and whose disk is faster than the store's link) its own disk read
+    (``local_disk``); host copies load locally in every mode, as placement plans them.
     """
 
     name: str
     strategy: str
+    plan_strategy: str
     pipelines: bool
-    host_copies: bool
     local_disk: bool
     what: str
+    host_copies: bool = True
 
 
-MODES: dict[str, SimMode] = {m.name: m for m in (
-    SimMode("lambdascale", "lambdapipe", True, True, False,
-            "λPipe multicast from every holder + execute-while-load"),
-    SimMode("multicast_only", "lambdapipe", False, True, False,
-            "λPipe multicast, local instances only"),
-    SimMode("serverlessllm", "pull_from_store", False, True, True,
-            "each new instance loads from its fastest local tier (host memory, local disk), "
-            "else from the store; no multicast, no pipelines"),
-    SimMode("store_pull", "pull_from_store", False, False, False,
-            "every new instance reads the checkpoint from the store (naive)"),
-    SimMode("faasnet", "binary_tree", False, True, False,
-            "FaaSNet-style binary tree from every holder, local instances only"),
-)}
+def _modes() -> dict[str, SimMode]:
+    out: dict[str, SimMode] = {}
+    for m in scenarios.MODES.values():
+        plan = m.strategy if m.strategy != scenarios.LOCAL_TIERS else scenarios.PULL_FROM_STORE
+        out[m.name] = SimMode(m.name, m.strategy, plan, m.pipelines,
+                              m.strategy == scenarios.LOCAL_TIERS, m.what)
+    out["faasnet"] = SimMode("faasnet", "binary_tree", "binary_tree", False, False,
+                             "FaaSNet-style binary tree from every holder, local instances only")
+    return out
+
+
+MODES: dict[str, SimMode] = _modes()
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,18 @@ class ClusterSpec:
         for name in ("link_bytes_s", "store_bytes_s", "disk_bytes_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, "must be > 0")
+
+    @classmethod
+    def from_profile(cls, profile: scenarios.Profile, **overrides: object) -> ClusterSpec:
+        """The target cluster's tiers at a bench-e2e profile's rates (one executor per node,
+        as the emulated cluster runs them, unless ``overrides`` say otherwise)."""
+        r = profile.rates
+        base: dict[str, object] = {
+            "link_bytes_s": r.network_bytes_per_s, "store_bytes_s": r.store_bytes_per_s,
+            "disk_bytes_s": r.disk_bytes_per_s, "pcie_bytes_s": r.host_to_device_bytes_per_s,
+            "gpus_per_executor": profile.pace.tensor_parallel}
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
 
     @property
     def executors_per_node(self) -> int:

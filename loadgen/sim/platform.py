@@ -559,7 +559,8 @@ class Platform:
                     rate = min(rate, cl.store_disk_bytes_s)
                 rates[s] = rate
         try:
-            plan = plan_multicast(req.strategy, sources, receivers, model.blocks, self.cfg.parts)
+            plan = plan_multicast(self.cfg.mode.plan_strategy, sources, receivers,
+                                  model.blocks, self.cfg.parts)
         except PlanError:
             return
         t = SimTransfer(self, model, plan.edges(), sources, receivers, rates, self.cfg.parts)
@@ -623,7 +624,7 @@ class Platform:
             store=StoreHoldings(memory=frozenset(self.models), disk=frozenset(self.models),
                                 store_id=STORE_SOURCE_ID),
             model_bytes={m: s.total_bytes for m, s in self.models.items()},
-            load=snapshot, executor_timeout_s=math.inf, strategy=cfg.mode.strategy)
+            load=snapshot, executor_timeout_s=math.inf, strategy=cfg.mode.plan_strategy)
         result = reconcile(view)
         self.pending = result.pending
         for action in result.actions:

@@ -1,0 +1,178 @@
+"""The simulator: same functions as the services, deterministic, every request accounted for."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import loadgen.sim.config as sim_config
+import loadgen.sim.engine as sim_engine
+import loadgen.sim.platform as sim_platform
+import services.router.pipeline as pipeline
+import services.router.routing as routing
+import services.scaler.policy as policy
+import services.scaler.reconcile as reconcile
+import services.transfer.driver as driver
+import services.transfer.planner as planner
+import shared.costmodel as costmodel
+import shared.engine.engine as engine
+import shared.engine.pacing as pacing
+import shared.engine.scheduler as scheduler
+import shared.model.layout as layout
+from loadgen.sim.config import GBIT, MODES, ClusterSpec, DeploymentDefaults, SimConfig, make_model
+from loadgen.sim.engine import SimEngine, StageSpec
+from loadgen.sim.platform import Platform, SimArrival
+from loadgen.sim.workload import assign_models
+from loadgen.trace import Arrival
+
+SIM_DIR = Path(sim_platform.__file__).parent
+
+
+# (module that calls it, name there, module that defines it): the simulator's decision code
+SAME_FUNCTIONS = [
+    (sim_platform, "RoutingTable", routing),
+    (sim_platform, "decide", policy),
+    (sim_platform, "snapshot_from_reports", policy),
+    (sim_platform, "reconcile", reconcile),
+    (sim_platform, "settle_pending", reconcile),
+    (sim_platform, "plan_multicast", planner),
+    (sim_platform, "replan", planner),
+    (sim_platform, "ready_edges", planner),  # the driver's edge rule...
+    (driver, "ready_edges", planner),  # ...which the transfer driver runs too
+    (sim_engine, "Scheduler", scheduler),
+    (engine, "Scheduler", scheduler),  # the executor's engine schedules with the same class
+    (sim_engine, "step_seconds", costmodel),
+    (pacing, "step_seconds", costmodel),  # what paces the emulated executors
+    (routing, "build_plan", pipeline),  # the router's table builds pipelines with it
+    (sim_config, "split_layers", layout),  # the store's block layout
+]
+
+
+@pytest.mark.parametrize(("user", "name", "owner"), SAME_FUNCTIONS,
+                         ids=[f"{u.__name__}.{n}" for u, n, _ in SAME_FUNCTIONS])
+def test_the_simulator_calls_the_services_functions_not_copies(
+        user: ModuleType, name: str, owner: ModuleType) -> None:
+    # identity of the objects, not equality of behaviour: a copy would fail here
+    assert getattr(user, name) is getattr(owner, name)
+    assert getattr(owner, name).__module__ == owner.__name__
+
+
+def test_the_simulator_imports_no_service_shell() -> None:
+    shells = {"service", "http", "nats_backend", "catalog", "provisioners", "redrive",
+              "observe", "events", "driver", "merge", "progress"}
+    for path in SIM_DIR.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                assert not (parts[0] == "services" and parts[-1] in shells), (path, name)
+                assert parts[0] not in ("asyncio", "nats"), (path, name)
+
+
+def _arrivals(n: int, rate: float, prompt: int = 200, output: int = 50) -> list[Arrival]:
+    return [Arrival(i / rate, prompt + (i * 37) % 300, output + (i * 11) % 80) for i in range(n)]
+
+
+def _config(mode: str, nodes: int = 4, models: int = 1, **kw: object) -> SimConfig:
+    return SimConfig(
+        mode=MODES[mode], cluster=ClusterSpec(nodes=nodes, gpus_per_node=1,
+                                              link_bytes_s=100 * GBIT, store_bytes_s=50 * GBIT),
+        models=tuple(make_model(f"m{i}", "h100:llama-2-7b") for i in range(models)),
+        deployment=DeploymentDefaults(target_concurrency=4, keep_alive_s=5), **kw)  # type: ignore[arg-type]
+
+
+def _run(cfg: SimConfig, arrivals: list[SimArrival]) -> Platform:
+    plat = Platform(cfg, arrivals)
+    plat.run()
+    return plat
+
+
+def _fingerprint(p: Platform) -> list[tuple[int, float | None, float | None, str | None]]:
+    return [(r.index, r.first_token, r.done, r.error) for r in p.requests]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_small_cluster_runs_are_deterministic_and_conserve_requests(mode: str) -> None:
+    arrivals = assign_models(_arrivals(300, 40.0), ["m0", "m1", "m2"], zipf_s=1.0, seed=3)
+    a = _run(_config(mode, models=3), arrivals)
+    b = _run(_config(mode, models=3), arrivals)
+    assert _fingerprint(a) == _fingerprint(b)
+    assert a.gpu_seconds == b.gpu_seconds
+    # conservation: every request completed (first token, then done) or is counted failed
+    for r in a.requests:
+        if r.error is None:
+            assert r.first_token is not None and r.done is not None
+            assert r.arrival <= r.first_token <= r.done
+        else:
+            assert r.done is None
+    assert a.unfinished == 0
+    assert sum(r.error is None for r in a.requests) == len(arrivals)  # all fit, none fail
+    # scale-out happened and every executor is released after keep-alive (floor 0)
+    assert len(a.loads) >= 2
+    assert all(e.model is None for e in a.executors.values())
+    assert a.gpu_seconds > 0
+
+
+def test_a_request_too_long_for_a_kv_row_is_counted_failed() -> None:
+    arrivals = [SimArrival(0.0, "m0", 5000, 10), SimArrival(0.1, "m0", 100, 10)]
+    p = _run(_config("lambdascale"), arrivals)
+    assert p.requests[0].error == "context_too_long"
+    assert p.requests[1].error is None and p.requests[1].done is not None
+
+
+def test_store_pull_loads_share_the_store_link_and_multicast_does_not() -> None:
+    arrivals = [SimArrival(0.05 * i, "m0", 300, 200) for i in range(200)]
+    pull = _run(_config("store_pull", nodes=6), arrivals)
+    mc = _run(_config("multicast_only", nodes=6), arrivals)
+    model = make_model("m0", "h100:llama-2-7b")
+    # assign -> transfer start takes the control plane's latency, then the bytes flow
+    one_copy = _config("store_pull").control_latency_s + model.total_bytes / (50 * GBIT)
+    alone = _run(_config("store_pull", nodes=6), [SimArrival(0.0, "m0", 300, 20)])
+    assert [x.load_s for x in alone.loads] == [pytest.approx(one_copy, rel=1e-6)]
+    # later waves share the link with the first: nobody loads faster than one copy alone
+    assert min(x.load_s for x in pull.loads if x.load_s is not None) >= one_copy * (1 - 1e-9)
+    # n copies through the store's one link take ~n times one copy; λPipe does not
+    pull_late = max(x.load_s for x in pull.loads if x.load_s is not None)
+    mc_late = max(x.load_s for x in mc.loads if x.load_s is not None)
+    assert pull_late > 2 * one_copy
+    assert mc_late < pull_late
+
+
+def test_engine_fast_forward_matches_step_by_step_times() -> None:
+    """A run of decodes is one event, yet its requests finish when stepping one by one would."""
+    pace = costmodel.parse_pace("h100:llama-2-7b")
+    events: list[tuple[str, float, bool]] = []
+    pending: list[tuple[float, object, tuple[object, ...]]] = []
+
+    def at(when: float, fn: object, *args: object) -> None:
+        pending.append((when, fn, args))
+
+    eng = SimEngine("e", pace, [StageSpec("x", 0, 32)], capacity=8, row_len=4096,
+                    max_batch_tokens=4096, link_bytes_s=1e10, at=at,
+                    on_token=lambda rid, t, fin: events.append((rid, t, fin)))
+    eng.add("a", 100, 5, 0.0)
+    eng.add("b", 100, 3, 0.0)
+    while pending:
+        pending.sort(key=lambda x: x[0])
+        _when, fn, args = pending.pop(0)
+        fn(*args)  # type: ignore[operator]
+    # step by step by hand: prefill of a alone (b arrived during it), then b's prefill with
+    # a's decode, then decodes
+    t = costmodel.step_seconds(pace, [(0, 100)])
+    t += costmodel.step_seconds(pace, [(100, 1), (0, 100)])
+    done = {rid: time for rid, time, fin in events if fin}
+    t_b = t
+    for i in range(2):  # b needs 2 more tokens after its first
+        t_b += costmodel.step_seconds(pace, [(101 + i, 1), (100 + i, 1)])
+    assert done["b"] == pytest.approx(t_b, rel=1e-9)
+    t_a = t_b + costmodel.step_seconds(pace, [(103, 1)])
+    assert done["a"] == pytest.approx(t_a, rel=1e-9)
+    assert eng.idle
