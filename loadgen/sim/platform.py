@@ -531,9 +531,9 @@ class Platform:
         cl = self.cfg.cluster
         receivers = [r for r in req.receivers if self.executors[r].model == req.model
                      and not self.executors[r].complete]
-        if self.cfg.mode.local_disk and cl.disk_bytes_s >= cl.store_bytes_s:
+        if self.cfg.mode.local_disk:
             # ServerlessLLM: a receiver whose node caches the checkpoint reads its own disk
-            # when that is the faster tier
+            # (its fastest local tier after host memory)
             rest = []
             for r in receivers:
                 e = self.executors[r]
