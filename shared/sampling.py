@@ -140,11 +140,14 @@ class SamplingParams:
     # --- wire -------------------------------------------------------------------------------
 
     def to_wire(self) -> dict[str, Any]:
-        """A msgpack-ready map (lists for tuples)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+        """A msgpack-ready map (lists for tuples). Parameters at their defaults are left out
+        (``from_wire`` fills them in): every request carries this map to its executor, which
+        then decodes four keys, not sixteen. ``max_tokens`` is always there."""
+        out: dict[str, Any] = {"max_tokens": self.max_tokens}
+        for name, default in _WIRE_DEFAULTS:
+            value = getattr(self, name)
+            if value != default:
+                out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
@@ -177,6 +180,8 @@ class SamplingParams:
         return params
 
 
+_WIRE_DEFAULTS = tuple((f.name, f.default) for f in dataclasses.fields(SamplingParams)
+                       if f.name != "max_tokens")
 _FLOATS = {"temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"}
 
 

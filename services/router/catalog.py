@@ -118,6 +118,7 @@ class ModelCatalog:
         self._scaler_seen: tuple[float, bool] | None = None  # (when asked, a scaler answered)
         self._start_error = ""
         self._warm: asyncio.Task[Any] | None = None
+        self._deployed_cache: tuple[KvMirror, set[str] | None] | None = None
         self._opener: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -232,6 +233,9 @@ class ModelCatalog:
         """The model's tokenizer, built once per entry from the store's files."""
         entry = await self.entry(name)
         known = self._tokenizers.get(name)
+        if known is not None and known[0] is entry and known[1].done() \
+                and not known[1].cancelled() and known[1].exception() is None:
+            return known[1].result()  # built: every request but the first few
         if known is None or known[0] != entry or (known[1].done() and (
                 known[1].cancelled() or known[1].exception() is not None)):
             known = (entry, asyncio.ensure_future(self._load_tokenizer(name)))
@@ -256,11 +260,21 @@ class ModelCatalog:
         await asyncio.gather(*(m.catch_up(self._fail_fast) for m in mirrors))
 
     def _deployed_names(self) -> set[str] | None:
-        """Models named by deployments; None when there is no deployment at all."""
+        """Models named by deployments; None when there is no deployment at all. Kept until
+        the deployments mirror changes (every request asks)."""
         if self._deployments is None:
             return None
+        cached = self._deployed_cache
+        if cached is not None and cached[0] is self._deployments:
+            return cached[1]
+        names = self._scan_deployments(self._deployments)
+        self._deployed_cache = (self._deployments, names)
+        return names
+
+    @staticmethod
+    def _scan_deployments(mirror: KvMirror) -> set[str] | None:
         models: set[str] = set()
-        for key, spec in self._deployments.values.items():
+        for key, spec in mirror.values.items():
             if key.startswith(DEPLOYMENT_PREFIX) and isinstance(spec, dict) \
                     and isinstance(spec.get("model"), str):
                 models.add(spec["model"])
@@ -308,6 +322,7 @@ class ModelCatalog:
 
     def _on_deployment(self, key: str, value: Any | None) -> None:
         self._scaler_seen = None
+        self._deployed_cache = None
         self._prefetch_servable()
 
     def _drop_tokenizer(self, name: str) -> None:

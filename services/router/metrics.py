@@ -34,13 +34,28 @@ TOKEN_LATENCY_BUCKETS_S: tuple[float, ...] = (
 )
 
 
+_KEYS: dict[tuple[tuple[str, str], ...], Labels] = {}
+
+
+def _key(labels: Mapping[str, str]) -> Labels:
+    """The sorted label tuple of ``labels``; call sites build their maps in one order, so the
+    unsorted tuple finds it without sorting on every update."""
+    raw = tuple(labels.items())
+    key = _KEYS.get(raw)
+    if key is None:
+        if len(_KEYS) > 100_000:  # label values are bounded (models, endpoints), but be safe
+            _KEYS.clear()
+        key = _KEYS[raw] = tuple(sorted(raw))
+    return key
+
+
 class Counter:
     def __init__(self, name: str, help_text: str) -> None:
         self.name, self.help = name, help_text
         self._values: dict[Labels, float] = {}
 
     def inc(self, labels: Mapping[str, str], amount: float = 1.0) -> None:
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         self._values[key] = self._values.get(key, 0.0) + amount
 
     def value(self, labels: Mapping[str, str]) -> float:
@@ -63,7 +78,7 @@ class Histogram:
         self._sums: dict[Labels, float] = {}
 
     def observe(self, labels: Mapping[str, str], value: float) -> None:
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
         counts[bisect.bisect_left(self.buckets, value)] += 1
         self._sums[key] = self._sums.get(key, 0.0) + value

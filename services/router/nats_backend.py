@@ -183,6 +183,7 @@ class _Flight:
     executor_done: set[int] = field(default_factory=set)  # ... as the executor said
     prompt_logprobs_seen: bool = False
     ttft_recorded: bool = False
+    first_wire: dict[str, Any] | None = None  # the sampling map of a first dispatch
 
     def tokens_of(self, index: int) -> list[int]:
         if index == 0:
@@ -317,7 +318,8 @@ class NatsBackend:
     ) -> AsyncIterator[TokenEvent]:
         if self._stopping:
             raise ShuttingDown(f"router {self.router_id} is shutting down")
-        await self._bus_up()
+        if not self.bus.link.connected:  # (checked inline: every request passes here)
+            await self._bus_up()
         entry = await self.catalog.entry(model)
         if model not in self.table.models():
             self._apply_sync([self.table.set_model(model, entry.num_layers)])
@@ -502,12 +504,14 @@ class NatsBackend:
                 flight.waiting = None
         flight.assignment = assignment
         route = assignment.route
-        await self._emit(
+        # news, not part of serving: published from a task, which runs while this request
+        # waits for the executor's ack instead of before its InferRequest leaves
+        self._background(self._emit(
             "request.routed", model=flight.model, reason=reason,
             request_id=flight.request_id, via=route.kind.value, route_id=route.route_id,
             executors=list(route.executors), attempt=flight.attempt + 1,
             generated=len(flight.generated),
-        )
+        ))
 
     async def _send(self, flight: _Flight) -> None:
         """Send the flight to its route's first executor; on a route failure, re-place it."""
@@ -542,13 +546,20 @@ class NatsBackend:
 
     def _infer_request(self, flight: _Flight, route: Route) -> InferRequest:
         s = flight.sampling
-        # a re-dispatched request continues: its tokens so far join the prompt
-        sampling = dataclasses.replace(
-            s, max_tokens=s.max_tokens - len(flight.generated),
-            min_tokens=max(0, s.min_tokens - len(flight.generated)),
-            stop_token_ids=tuple(sorted(flight.stop_ids)),
-            prompt_logprobs=None if flight.prompt_logprobs_seen else s.prompt_logprobs,
-        ).to_wire()
+        if not flight.generated and not flight.prompt_logprobs_seen:
+            # a first dispatch: the request's own parameters (the map built once)
+            if flight.first_wire is None:
+                flight.first_wire = dataclasses.replace(
+                    s, stop_token_ids=tuple(sorted(flight.stop_ids))).to_wire()
+            sampling = flight.first_wire
+        else:
+            # a re-dispatched request continues: its tokens so far join the prompt
+            sampling = dataclasses.replace(
+                s, max_tokens=s.max_tokens - len(flight.generated),
+                min_tokens=max(0, s.min_tokens - len(flight.generated)),
+                stop_token_ids=tuple(sorted(flight.stop_ids)),
+                prompt_logprobs=None if flight.prompt_logprobs_seen else s.prompt_logprobs,
+            ).to_wire()
         stages: list[dict[str, Any]] = []
         if route.kind is RouteKind.PIPELINE and route.pipeline is not None:
             stages = [{"executor_id": st.executor_id, "start": st.start, "stop": st.stop}
