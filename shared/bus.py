@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-import msgpack
+import msgspec
 import nats
 import nats.errors
 import structlog
@@ -38,7 +39,7 @@ from shared.errors import (
     RequestTimeout,
     error_from_wire,
 )
-from shared.messages import Message
+from shared.messages import Message, encoder
 from shared.natsauth import ClientAuth
 
 log = structlog.get_logger("bus")
@@ -51,17 +52,23 @@ _KEEP_REFUSALS = 64
 
 
 def encode(obj: Any) -> bytes:
-    obj = to_plain(obj)
+    """msgpack bytes of a message or any msgpack-native value (messages nested inside too)."""
     try:
-        return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise BusError(f"cannot encode {type(obj).__name__}: {exc}") from exc
+        return encoder().encode(obj)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        unsupported = _UNSUPPORTED.match(str(exc))
+        why = f"can not serialize {unsupported.group(1)!r} object" if unsupported else str(exc)
+        raise BusError(f"cannot encode {type(obj).__name__}: {why}") from exc
+
+
+_UNSUPPORTED = re.compile(r"Encoding objects of type (\w+) is unsupported")
 
 
 def decode(data: bytes) -> Any:
+    """The plain value of msgpack bytes (maps, lists, scalars, bytes)."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated exception types
+        return msgspec.msgpack.decode(data)
+    except Exception as exc:  # msgspec.DecodeError, or a map key that is not hashable
         raise DecodeError(f"not valid msgpack ({type(exc).__name__}: {exc})") from exc
 
 
@@ -93,6 +100,29 @@ def unwrap_reply(data: bytes) -> Any:
         if "ok" in body:
             return body["ok"]
     raise DecodeError("reply is not an {ok|error} envelope")
+
+
+class _Envelope(msgspec.Struct):
+    """A reply envelope with its payload left as bytes, to be decoded into its own type."""
+
+    ok: msgspec.Raw = msgspec.Raw()
+    error: dict[str, Any] | None = None
+
+
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+
+
+def unwrap_typed(data: bytes, reply_type: type[M]) -> M:
+    """The payload of a reply envelope decoded as ``reply_type``, or the error it carries."""
+    try:
+        envelope = _ENVELOPE.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise DecodeError(f"reply is not an {{ok|error}} envelope ({exc})") from exc
+    if envelope.error is not None:
+        raise error_from_wire(envelope.error)
+    if not len(envelope.ok):
+        raise DecodeError("reply is not an {ok|error} envelope")
+    return reply_type.decode(bytes(envelope.ok))
 
 
 @dataclass
@@ -284,10 +314,9 @@ class Bus:
             ) from exc
         except nats.errors.ConnectionClosedError as exc:
             raise NotConnected(f"connection closed during request on {subject}") from exc
-        body = unwrap_reply(reply.data)
         if reply_type is not None:
-            return reply_type.from_wire(body)
-        return body
+            return unwrap_typed(reply.data, reply_type)
+        return unwrap_reply(reply.data)
 
     # --- receiving ----------------------------------------------------------------------
     async def subscribe(
@@ -353,8 +382,7 @@ class Bus:
 
     def _decode(self, msg: Msg, message_type: type[Message] | None, stats: HandlerStats) -> Any:
         try:
-            body = decode(msg.data)
-            return message_type.from_wire(body) if message_type is not None else body
+            return message_type.decode(msg.data) if message_type is not None else decode(msg.data)
         except DecodeError as exc:
             stats.decode_errors += 1
             self.decode_errors += 1

@@ -1,19 +1,20 @@
 """Every message that crosses NATS, declared in one module.
 
-A message is a frozen dataclass registered under a short type tag. On the wire it is a msgpack
-map ``{"v": SCHEMA_VERSION, "t": tag, <field>: <value>, ...}``. Decoding ignores unknown fields
-(so newer peers can add fields) and fills missing optional ones with their defaults; a missing
-required field or a wrong tag is a :class:`~shared.errors.DecodeError`.
+A message is a frozen :class:`msgspec.Struct` tagged with a short type string. On the wire it
+is a msgpack map ``{"t": tag, <field>: <value>, ..., "v": SCHEMA_VERSION}``, encoded and
+decoded by msgspec (:func:`encoder`, :func:`decoder_for`), which validates every field against
+its annotation at the boundary. Decoding ignores unknown fields (so newer peers can add
+fields) and fills missing optional ones with their defaults; a missing required field, a value
+of the wrong type or a wrong tag is a :class:`~shared.errors.DecodeError`. A plain map without
+``"t"`` is accepted wherever one message type is expected; where several are (a tagged
+union such as :data:`ExecControl`) the tag chooses.
 
-Fields hold msgpack-native values (None, bool, int, float, str, bytes, list, dict) or other
-messages (also inside ``list[...]`` / ``dict[str, ...]`` / ``X | None``), which are encoded as
-nested maps. Tensors travel as raw ``bytes`` with their dtype and shape alongside, never pickled.
+Fields hold typed values: scalars, ``bytes`` (tensors travel as raw bytes with their dtype
+and shape alongside, never pickled), other messages or structs, and lists/maps of those.
 
 Declare a message as::
 
-    @message("store.get")
-    @dataclass(frozen=True)
-    class GetManifest(Message):
+    class GetManifest(Message, frozen=True, tag="store.get"):
         name: str
 
 Sections below belong to one area each; add a message in the section of its area.
@@ -21,11 +22,12 @@ Sections below belong to one area each; add a message in the section of its area
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+import re
+from functools import cache
+from typing import Any, TypeVar
+
+import msgspec
+from msgspec import field
 
 from shared.errors import DecodeError
 
@@ -33,121 +35,108 @@ SCHEMA_VERSION = 1
 
 M = TypeVar("M", bound="Message")
 
-_REGISTRY: dict[str, type[Message]] = {}
+# bytes stay bytes (msgpack bin) when a message is turned into plain values
+_PLAIN_TYPES = (bytes, bytearray, memoryview)
 
 
-class Message:
-    """Base of all wire messages. Subclasses are frozen dataclasses decorated with @message."""
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="t"):
+    """Base of all wire messages: subclasses pass ``tag="..."`` and declare their fields."""
 
-    TAG: ClassVar[str] = ""
+    v: int = SCHEMA_VERSION
+
+    @classmethod
+    def tag(cls) -> str:
+        return str(cls.__struct_config__.tag)
 
     def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"v": SCHEMA_VERSION, "t": self.TAG}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _encode_value(getattr(self, f.name))
+        """The message as the plain map that goes on the wire."""
+        out: dict[str, Any] = msgspec.to_builtins(self, builtin_types=_PLAIN_TYPES)
         return out
 
     @classmethod
     def from_wire(cls: type[M], raw: Any) -> M:
+        """Validate a plain map (already unpacked) as this message."""
         if not isinstance(raw, dict):
             raise DecodeError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
         tag = raw.get("t")
-        if tag is not None and tag != cls.TAG:
-            raise DecodeError(f"expected message {cls.TAG!r}, got {tag!r}")
-        hints = _hints(cls)
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in raw:
-                try:
-                    kwargs[f.name] = _decode_value(hints[f.name], raw[f.name])
-                except DecodeError as exc:
-                    raise DecodeError(f"{cls.TAG}.{f.name}: {exc.message}") from exc
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise DecodeError(f"{cls.TAG}: missing required field {f.name!r}")
+        if tag is not None and tag != cls.tag():
+            raise DecodeError(f"expected message {cls.tag()!r}, got {tag!r}")
         try:
-            return cls(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise DecodeError(f"{cls.TAG}: {exc}") from exc
+            message: M = msgspec.convert(raw, cls)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"{cls.tag()}: {_plain_words(exc)}") from exc
+        return message
+
+    @classmethod
+    def decode(cls: type[M], data: bytes) -> M:
+        """Decode msgpack bytes straight into this message (the fast path of the bus)."""
+        try:
+            message: M = decoder_for(cls).decode(data)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"{cls.tag()}: {_plain_words(exc)}") from exc
+        except msgspec.DecodeError as exc:
+            raise DecodeError(f"not valid msgpack ({exc})") from exc
+        return message
 
 
-def message(tag: str) -> typing.Callable[[type[M]], type[M]]:
-    """Register a dataclass as a wire message under ``tag``."""
+def replace(message: M, **changes: Any) -> M:
+    """A copy of ``message`` with ``changes`` (``dataclasses.replace`` for messages)."""
+    return msgspec.structs.replace(message, **changes)
 
-    def wrap(cls: type[M]) -> type[M]:
-        if tag in _REGISTRY:
-            raise ValueError(f"message tag {tag!r} registered twice")
-        cls.TAG = tag
-        _REGISTRY[tag] = cls
-        return cls
 
-    return wrap
+_WORDS = (
+    (re.compile(r"Object missing required field `([^`]*)`"), r"missing required field '\1'"),
+    (re.compile(r"Expected `array`, got `([^`]*)`"), r"expected a list, got \1"),
+    (re.compile(r"Expected `object`, got `([^`]*)`"), r"expected a map, got \1"),
+    (re.compile(r"Expected `([^`]*)`, got `([^`]*)`"), r"expected \1, got \2"),
+)
+
+
+def _plain_words(exc: msgspec.ValidationError) -> str:
+    """msgspec's message in the words the rest of the code base logs (``expected str``)."""
+    text = str(exc)
+    for pattern, words in _WORDS:
+        text = pattern.sub(words, text)
+    return text
+
+
+@cache
+def decoder_for(cls: Any) -> msgspec.msgpack.Decoder[Any]:
+    """One msgpack decoder per message type (or tagged union of message types)."""
+    return msgspec.msgpack.Decoder(cls)
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encoder() -> msgspec.msgpack.Encoder:
+    """The msgpack encoder of every message (and any msgpack-native value around them)."""
+    return _ENCODER
+
+
+def _all_messages() -> dict[str, type[Message]]:
+    out: dict[str, type[Message]] = {}
+    todo: list[type[Message]] = [Message]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            todo.append(sub)
+            tag = sub.__struct_config__.tag
+            if isinstance(tag, str):
+                if tag in out and out[tag] is not sub:
+                    raise ValueError(f"message tag {tag!r} declared twice")
+                out[tag] = sub
+    return out
 
 
 def decode_any(raw: Any) -> Message:
-    """Decode a map into whichever registered message its tag names."""
+    """Decode a map into whichever declared message its tag names."""
     if not isinstance(raw, dict) or "t" not in raw:
         raise DecodeError("not a tagged message map")
-    cls = _REGISTRY.get(raw["t"])
+    cls = _all_messages().get(raw["t"])
     if cls is None:
         raise DecodeError(f"unknown message type {raw['t']!r}")
     return cls.from_wire(raw)
-
-
-_HINT_CACHE: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINT_CACHE.get(cls)
-    if hints is None:
-        hints = get_type_hints(cls)
-        _HINT_CACHE[cls] = hints
-    return hints
-
-
-def _encode_value(value: Any) -> Any:
-    if isinstance(value, Message):
-        return value.to_wire()
-    if isinstance(value, list | tuple):
-        return [_encode_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encode_value(v) for k, v in value.items()}
-    return value
-
-
-def _is_message_type(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, Message)
-
-
-def _decode_value(tp: Any, value: Any) -> Any:
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        if value is None:
-            return None
-        for arg in get_args(tp):
-            if arg is type(None):
-                continue
-            return _decode_value(arg, value)
-        return value
-    if _is_message_type(tp):
-        return tp.from_wire(value)
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise DecodeError(f"expected a list, got {type(value).__name__}")
-        args = get_args(tp)
-        item = args[0] if args else Any
-        items = [_decode_value(item, v) for v in value]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise DecodeError(f"expected a map, got {type(value).__name__}")
-        args = get_args(tp)
-        item = args[1] if len(args) == 2 else Any
-        return {k: _decode_value(item, v) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool, bytes) and not isinstance(value, tp):
-        raise DecodeError(f"expected {tp.__name__}, got {type(value).__name__}")
-    return value
 
 
 # =============================================================================================
@@ -155,9 +144,7 @@ def _decode_value(tp: Any, value: Any) -> Any:
 # =============================================================================================
 
 
-@message("metrics")
-@dataclass(frozen=True)
-class MetricsSnapshot(Message):
+class MetricsSnapshot(Message, frozen=True, tag="metrics"):
     """Published by every service about once a second on ``lscale.metrics.<service>.<id>``."""
 
     service: str
@@ -168,9 +155,7 @@ class MetricsSnapshot(Message):
     values: dict[str, Any] = field(default_factory=dict)
 
 
-@message("event")
-@dataclass(frozen=True)
-class Event(Message):
+class Event(Message, frozen=True, tag="event"):
     """A lifecycle event on ``lscale.events.<kind>``: a decision or a change, with its reason."""
 
     kind: str
@@ -181,9 +166,7 @@ class Event(Message):
     data: dict[str, Any] = field(default_factory=dict)
 
 
-@message("ack")
-@dataclass(frozen=True)
-class Ack(Message):
+class Ack(Message, frozen=True, tag="ack"):
     ok: bool = True
     detail: str = ""
 
@@ -198,17 +181,13 @@ class Ack(Message):
 # STORE_HF_FILES HfFilesRequest -> HfFiles; STORE_SOURCE SendChunks (transfer section) -> Ack.
 
 
-@message("store.model")
-@dataclass(frozen=True)
-class ModelRef(Message):
+class ModelRef(Message, frozen=True, tag="store.model"):
     """Names one model of the store (``STORE_GET``, ``STORE_REMOVE``)."""
 
     name: str
 
 
-@message("store.add")
-@dataclass(frozen=True)
-class AddModel(Message):
+class AddModel(Message, frozen=True, tag="store.add"):
     """Ingest the HF checkpoint directory ``path`` (absolute, as the store's host sees it) as
     model ``name`` in ``blocks`` blocks (None: the store's default). ``request_id`` is echoed
     in the ``model.ingest`` progress events so a caller can pick out its own."""
@@ -220,9 +199,7 @@ class AddModel(Message):
     request_id: str = ""
 
 
-@message("store.summary")
-@dataclass(frozen=True)
-class ModelSummary(Message):
+class ModelSummary(Message, frozen=True, tag="store.summary"):
     """One model in the ``STORE_LIST`` reply (and the ``STORE_ADD`` reply)."""
 
     name: str
@@ -237,9 +214,7 @@ class ModelSummary(Message):
     in_memory: bool = False  # every block is in the store's host-memory tier
 
 
-@message("store.hf_files")
-@dataclass(frozen=True)
-class HfFilesRequest(Message):
+class HfFilesRequest(Message, frozen=True, tag="store.hf_files"):
     """``STORE_HF_FILES``: the config/tokenizer files kept with model ``name`` (``files``
     names some of them; empty: all)."""
 
@@ -247,9 +222,7 @@ class HfFilesRequest(Message):
     files: list[str] = field(default_factory=list)
 
 
-@message("store.hf_files.reply")
-@dataclass(frozen=True)
-class HfFiles(Message):
+class HfFiles(Message, frozen=True, tag="store.hf_files.reply"):
     name: str
     files: dict[str, bytes] = field(default_factory=dict)  # file name -> content
 
@@ -258,9 +231,7 @@ class HfFiles(Message):
 # =============================================================================================
 
 
-@message("exec.assign")
-@dataclass(frozen=True)
-class AssignModel(Message):
+class AssignModel(Message, frozen=True, tag="exec.assign"):
     """Scaler -> executor (``exec_ctl``): prepare a weight buffer for ``model`` and expose it.
 
     ``load_from``: ``"none"`` (wait for a multicast into the region), ``"host"`` (a host-memory
@@ -277,27 +248,21 @@ class AssignModel(Message):
     parts: int = 0
 
 
-@message("exec.assign.reply")
-@dataclass(frozen=True)
-class AssignReply(Message):
+class AssignReply(Message, frozen=True, tag="exec.assign.reply"):
     executor_id: str
     model: str
     region: dict[str, Any]  # shared.transport.base.RegionDescriptor.to_dict()
     ready_layers: list[int] = field(default_factory=list)
 
 
-@message("exec.release")
-@dataclass(frozen=True)
-class ReleaseModel(Message):
+class ReleaseModel(Message, frozen=True, tag="exec.release"):
     """Scaler -> executor: stop serving ``model``; keep a host-memory copy when asked."""
 
     model: str
     keep_host_copy: bool = True
 
 
-@message("exec.status")
-@dataclass(frozen=True)
-class ExecutorStatus(Message):
+class ExecutorStatus(Message, frozen=True, tag="exec.status"):
     """Executor's answer to a status request (``exec_ctl`` with ``{"op": "status"}``)."""
 
     executor_id: str
@@ -314,9 +279,7 @@ class ExecutorStatus(Message):
     load_error: str = ""  # why the last load (e.g. from the store) failed; "" when none
 
 
-@message("exec.ready")
-@dataclass(frozen=True)
-class LayerReadiness(Message):
+class LayerReadiness(Message, frozen=True, tag="exec.ready"):
     """Published on ``lscale.events.ready.<eid>`` whenever blocks complete (and on assign,
     release and periodically, so a restarted router rebuilds its view)."""
 
@@ -328,9 +291,7 @@ class LayerReadiness(Message):
     complete: bool = False
 
 
-@message("exec.infer")
-@dataclass(frozen=True)
-class InferRequest(Message):
+class InferRequest(Message, frozen=True, tag="exec.infer"):
     """Router -> executor (``exec_infer``): a whole request on a local instance.
 
     The executor replies at once (an :class:`Ack`, or a typed error such as ContextTooLong or
@@ -352,9 +313,7 @@ class InferRequest(Message):
     stages: list[dict[str, Any]] = field(default_factory=list)
 
 
-@message("exec.tokens")
-@dataclass(frozen=True)
-class TokenChunk(Message):
+class TokenChunk(Message, frozen=True, tag="exec.tokens"):
     """Executor -> router: new tokens of one sequence (``index``) of a request; a sequence's
     last chunk has ``finish_reason`` ``stop``/``length``; ``cancelled``/``error`` (with
     ``error`` holding a wire error) end the whole request.
@@ -375,9 +334,7 @@ class TokenChunk(Message):
     prompt_logprobs: list[Any] | None = None
 
 
-@message("exec.cancel")
-@dataclass(frozen=True)
-class CancelRequest(Message):
+class CancelRequest(Message, frozen=True, tag="exec.cancel"):
     """On ``exec_cancel(eid)``: drop the request and free its KV. Sent by the router to every
     executor of a route, and by a pipeline's stage 0 to its other stages when the request
     ends. A local request that is cancelled ends with a ``cancelled`` TokenChunk."""
@@ -385,9 +342,7 @@ class CancelRequest(Message):
     request_id: str
 
 
-@message("exec.stage.chunk")
-@dataclass(frozen=True)
-class StageChunk(Message):
+class StageChunk(Message, frozen=True, tag="exec.stage.chunk"):
     """One request's tokens in a :class:`StageActivations` batch: positions
     ``start .. start+length-1``, packed in batch order. ``flow`` names this run of the request
     through the pipeline (stage 0 picks it, unique per admission; every stage keys its KV and
@@ -408,9 +363,7 @@ class StageChunk(Message):
     index: int = 0
 
 
-@message("exec.stage.activations")
-@dataclass(frozen=True)
-class StageActivations(Message):
+class StageActivations(Message, frozen=True, tag="exec.stage.activations"):
     """Stage i -> stage i+1 (``exec_stage(next)``): the hidden states of one forward batch.
 
     ``hidden`` is the raw row-major bytes of a ``shape`` = ``[tokens, hidden_size]`` tensor of
@@ -435,9 +388,7 @@ class StageActivations(Message):
     parts: int = 1
 
 
-@message("exec.stage.tokens")
-@dataclass(frozen=True)
-class StageTokens(Message):
+class StageTokens(Message, frozen=True, tag="exec.stage.tokens"):
     """Last stage (or a failing stage) -> stage 0 (``exec_stage(origin)``): per flow of a
     batch, the sampled token (already streamed to ``reply_to``), ``finished`` (flow ->
     ``stop``/``length``: the last stage sent the final TokenChunk and freed its KV) or
@@ -455,9 +406,7 @@ class StageTokens(Message):
 # =============================================================================================
 
 
-@message("transfer.start")
-@dataclass(frozen=True)
-class StartTransfer(Message):
+class StartTransfer(Message, frozen=True, tag="transfer.start"):
     """Scaler -> transfer (``TRANSFER_START``): multicast ``model`` from ``sources`` to
     ``receivers``. ``regions`` maps every receiver to its region descriptor (the ``region`` of
     its :class:`AssignReply`). A source id ``"store"`` is the model store (asked on
@@ -475,9 +424,7 @@ class StartTransfer(Message):
     transfer_id: str = ""  # chosen by the service when empty
 
 
-@message("transfer.started")
-@dataclass(frozen=True)
-class TransferStarted(Message):
+class TransferStarted(Message, frozen=True, tag="transfer.started"):
     """``joined``: the receivers were added to a running multicast of the same model from the
     same sources (``transfer_id`` is that one's; ``ticks`` its re-planned remainder)."""
 
@@ -487,9 +434,7 @@ class TransferStarted(Message):
     joined: bool = False
 
 
-@message("transfer.send")
-@dataclass(frozen=True)
-class SendChunks(Message):
+class SendChunks(Message, frozen=True, tag="transfer.send"):
     """Transfer -> a source (``exec_send(id)`` / ``STORE_SOURCE``): write these chunks of
     ``model`` from your buffer into the same offsets of ``target`` (a region descriptor);
     reply :class:`Ack` once every chunk has landed (the target ran ``on_write``)."""
@@ -501,9 +446,7 @@ class SendChunks(Message):
     transfer_id: str = ""
 
 
-@message("transfer.progress")
-@dataclass(frozen=True)
-class TransferProgress(Message):
+class TransferProgress(Message, frozen=True, tag="transfer.progress"):
     """On ``transfer_progress(tid)``: a chunk landed, or (``state`` done/failed) the end."""
 
     transfer_id: str
@@ -523,9 +466,7 @@ class TransferProgress(Message):
 # =============================================================================================
 
 
-@message("router.load")
-@dataclass(frozen=True)
-class LoadReport(Message):
+class LoadReport(Message, frozen=True, tag="router.load"):
     """Router -> scaler (``SCALER_LOAD``), about once a second: per model, queued and running
     requests, and outstanding requests per instance (executor id)."""
 
@@ -540,9 +481,7 @@ class LoadReport(Message):
 # =============================================================================================
 
 
-@message("scaler.undeploy")
-@dataclass(frozen=True)
-class Undeploy(Message):
+class Undeploy(Message, frozen=True, tag="scaler.undeploy"):
     """CLI -> scaler (``SCALER_UNDEPLOY``): remove a deployment; its instances are released.
     (``SCALER_DEPLOY`` takes a ``DeploymentSpec.to_dict()`` map and answers with the spec as
     stored.)"""
@@ -550,9 +489,7 @@ class Undeploy(Message):
     name: str
 
 
-@message("scaler.deployment")
-@dataclass(frozen=True)
-class DeploymentStatus(Message):
+class DeploymentStatus(Message, frozen=True, tag="scaler.deployment"):
     """One deployment in the ``SCALER_LIST`` reply."""
 
     spec: dict[str, Any]  # services.scaler.deployment.DeploymentSpec.to_dict()
@@ -562,9 +499,7 @@ class DeploymentStatus(Message):
     reason: str = ""  # the policy's latest reason (scale_out, keep_alive, ...)
 
 
-@message("scaler.list")
-@dataclass(frozen=True)
-class DeploymentList(Message):
+class DeploymentList(Message, frozen=True, tag="scaler.list"):
     """Scaler's reply on ``SCALER_LIST``: every deployment, by name."""
 
     deployments: list[DeploymentStatus] = field(default_factory=list)

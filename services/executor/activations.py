@@ -9,7 +9,6 @@ server's ``max_payload`` (1 MiB by default), so a batch whose bytes do not fit i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 
 from shared.bus import encode
 from shared.errors import InvalidParameter, PayloadTooLarge
-from shared.messages import StageActivations
+from shared.messages import StageActivations, replace
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NAMES = {v: k for k, v in _DTYPES.items()}
@@ -56,7 +55,7 @@ def tensor_from_wire(data: bytes, dtype: str, shape: list[int], hidden_size: int
 def split_message(message: StageActivations, data: bytes, max_bytes: int) -> list[StageActivations]:
     """``message`` with ``data`` as its hidden bytes, cut into parts that each encode to at
     most ``max_bytes`` (PayloadTooLarge when even the metadata does not fit)."""
-    meta = len(encode(dataclasses.replace(message, hidden=b"", part=0, parts=1)))
+    meta = len(encode(replace(message, hidden=b"", part=0, parts=1)))
     room = max_bytes - meta - _PART_SLACK
     if room <= 0:
         raise PayloadTooLarge(f"a stage message's metadata alone ({meta} bytes) does not fit "
@@ -65,7 +64,7 @@ def split_message(message: StageActivations, data: bytes, max_bytes: int) -> lis
     if parts > MAX_PARTS:
         raise PayloadTooLarge(f"{len(data)} bytes of hidden states need {parts} messages "
                               f"(at most {MAX_PARTS})", size=len(data), limit=max_bytes)
-    return [dataclasses.replace(message, hidden=data[i * room:(i + 1) * room], part=i,
+    return [replace(message, hidden=data[i * room:(i + 1) * room], part=i,
                                 parts=parts) for i in range(parts)]
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,6 +86,7 @@ from shared.messages import (
     StageChunk,
     StageTokens,
     TokenChunk,
+    replace,
 )
 
 log = structlog.get_logger("executor.pipeline")
@@ -323,7 +323,7 @@ class PipelineWorker:
     async def _send_activations(self, executor_id: str, message: StageActivations,
                                 hidden: torch.Tensor) -> None:
         data, dtype, shape = tensor_to_wire(hidden)
-        message = dataclasses.replace(message, dtype=dtype, shape=shape)
+        message = replace(message, dtype=dtype, shape=shape)
         for part in split_message(message, data, self.max_message_bytes()):
             await self.publish(subjects.exec_stage(executor_id), part)
 
@@ -433,7 +433,7 @@ class PipelineWorker:
             return
         if not is_last:
             assert isinstance(out, torch.Tensor)
-            nxt = dataclasses.replace(message, stage=message.stage + 1,
+            nxt = replace(message, stage=message.stage + 1,
                                       chunks=[message.chunks[i] for i in keep])
             try:
                 await self._send_activations(stages[message.stage + 1].executor_id, nxt, out)

@@ -592,7 +592,7 @@ class ExecutorService(Service[ExecutorConfig]):
                 await self.pipeline.on_tokens(message)
             return
         if not isinstance(message, StageActivations):
-            self.log.warning("unexpected message on the stage subject", tag=message.TAG)
+            self.log.warning("unexpected message on the stage subject", tag=message.tag())
             return
         copy = self.copy
         try:

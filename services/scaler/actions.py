@@ -46,7 +46,7 @@ from services.scaler.reconcile import (
 from shared import subjects
 from shared.errors import BusError, LScaleError, NoResponders, PlanError, RequestTimeout
 from shared.kv import kv_delete, kv_put
-from shared.messages import AssignModel, AssignReply, Event, ExecutorStatus, ReleaseModel
+from shared.messages import AssignModel, AssignReply, Event, ExecutorStatus, ReleaseModel, replace
 from shared.model.layout import manifest_weights_digest
 from shared.runtime import Service
 
@@ -288,7 +288,7 @@ class ScalerActions(Service[ScalerConfig]):
         if isinstance(action, Adopt):
             self._since[action.executor_id] = now
         elif (old := records.get(action.executor_id)) is not None:
-            event = dataclasses.replace(event, model=old.model)
+            event = replace(event, model=old.model)
         self._publish(event)
 
     # --- re-driving multicasts nobody runs (see services/scaler/redrive.py) -----------------

@@ -62,7 +62,7 @@ from services.scaler.reconcile import (
     reconcile,
     settle_pending,
 )
-from shared.messages import Event, LoadReport, StartTransfer
+from shared.messages import Event, LoadReport, StartTransfer, replace
 from shared.model.layout import manifest_weights_digest
 
 # --- the store's answers ------------------------------------------------------------------
@@ -184,7 +184,7 @@ def load_snapshot(load: Mapping[str, tuple[float, LoadReport]], now: float,
     """The routers' reports (router id -> (received, report)) merged; None when none is
     fresh. Each report is stamped with the time *we* received it: a router's clock may be
     off, and only age matters."""
-    fresh = [dataclasses.replace(report, time=received) for received, report in load.values()
+    fresh = [replace(report, time=received) for received, report in load.values()
              if now - received <= max_age_s]
     return snapshot_from_reports(fresh, now, max_age_s) if fresh else None
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.transfer.merge import RunningMulticast, transfer_to_join, why_not_join
-from shared.messages import StartTransfer
+from shared.messages import StartTransfer, replace
 
 RUNNING = RunningMulticast(transfer_id="t1", model="m", sources=frozenset({"store"}),
                            nodes=frozenset({"store", "e0"}), strategy="lambdapipe",
@@ -13,7 +13,7 @@ RUNNING = RunningMulticast(transfer_id="t1", model="m", sources=frozenset({"stor
 def _req(**kw: object) -> StartTransfer:
     base = StartTransfer(model="m", sources=["store"], receivers=["e1", "e2"],
                          regions={"e1": {}, "e2": {}}, num_blocks=4, parts=2)
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def test_same_model_same_store_source_joins() -> None:
