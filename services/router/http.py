@@ -271,6 +271,15 @@ class _Generation:
     async def close(self) -> None:
         """Stop watching; cancel the backend's work unless it ran to its end. Shielded so
         that it completes even while the surrounding task is being cancelled."""
+        if self._finished and len(self._request_ids) == 1:
+            # the common end: nothing to cancel on the executors, and closing one prompt's
+            # events only runs the backend's synchronous clean-up (no suspension point a cancellation
+            # could cut short), so no shield (a cancel scope costs more than the rest); the
+            # watcher is cancelled and ends on the loop's next step, nobody waits for it
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._events.aclose()  # type: ignore[attr-defined]
+            return
         with anyio.CancelScope(shield=True):
             self._watcher.cancel()
             with contextlib.suppress(BaseException):
