@@ -52,6 +52,15 @@ class ExecutorConfig(ServiceConfig):
     pace: str = field(default="", metadata={
         "help": "EMULATION: make each forward pass take what GPU[xTP]:MODEL would take, e.g. "
                 "h100:llama-2-7b (python -m loadgen cost-model lists them); off when empty"})
+    disk_dir: str = field(default="", metadata={
+        "help": "this node's local-disk tier: a store-format directory of checkpoints an "
+                "assign with load_from=disk reads (empty: no local disk tier)"})
+    disk_read_mbps: float = field(default=0.0, metadata={
+        "help": "EMULATION: read the local-disk tier at most this fast, MB/s (0: as fast as "
+                "the disk goes)"})
+    host_load_mbps: float = field(default=0.0, metadata={
+        "help": "EMULATION: copy a kept host copy into the weight buffer at most this fast, "
+                "MB/s, as host memory -> device would (0: one memcpy)"})
 
     def validate(self) -> None:
         super().validate()
@@ -73,6 +82,9 @@ class ExecutorConfig(ServiceConfig):
                 raise ConfigError(name, "must be > 0")
         if self.store_probe_s < 0:
             raise ConfigError("store_probe_s", "must be >= 0")
+        for name in ("disk_read_mbps", "host_load_mbps"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(name, "must be >= 0 (0: no cap)")
         if self.pace:
             try:
                 parse_pace(self.pace)
@@ -86,6 +98,14 @@ class ExecutorConfig(ServiceConfig):
     @property
     def host_budget_bytes(self) -> int:
         return self.host_budget_mb * MIB
+
+    @property
+    def disk_read_bytes_per_s(self) -> float | None:
+        return self.disk_read_mbps * 1e6 if self.disk_read_mbps > 0 else None
+
+    @property
+    def host_load_bytes_per_s(self) -> float | None:
+        return self.host_load_mbps * 1e6 if self.host_load_mbps > 0 else None
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::")

@@ -8,7 +8,10 @@ Wire contract (messages in shared/messages.py, executor section; subjects in sha
     (``region``: its descriptor; ``ready_layers``: what it holds already). ``load_from``:
     ``"none"`` (a multicast will write into the region), ``"host"`` (a copy kept at an earlier
     release: loaded before the reply, so ``ready_layers`` is every layer; ModelNotFound when
-    none is kept), ``"store"`` (SendChunks to ``STORE_SOURCE``, block by block, in the
+    none is kept; with ``host_load_mbps`` it loads in the background at that rate, block by
+    block), ``"disk"`` (this node's local-disk tier, ``disk_dir``: block files read and
+    verified in the background, at most ``disk_read_mbps``; ModelNotFound when the disk holds
+    no copy of these weights), ``"store"`` (SendChunks to ``STORE_SOURCE``, block by block, in the
     background; a store that refuses at once — NoResponders when none runs — fails the assign
     and nothing stays assigned). ``parts`` (0: config) is the chunks per block the transfer
     uses. An assign replaces whatever was held (no host copy of it is kept); repeating the
@@ -36,7 +39,8 @@ Wire contract (messages in shared/messages.py, executor section; subjects in sha
   ``readiness_interval_s``.
 
 Metrics: the executor keys of :mod:`shared.metrics_schema` plus ``host_copies``,
-``host_budget_bytes``, ``device`` and ``load_error``.
+``host_budget_bytes``, ``disk_copies`` (``{"model", "weights"}`` per checkpoint in
+``disk_dir``), ``device`` and ``load_error``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import torch
@@ -54,7 +59,7 @@ from services.executor import prometheus
 from services.executor.compute import ComputeThread
 from services.executor.config import ExecutorConfig, advertised_data_host
 from services.executor.inference import EngineDriver
-from services.executor.loading import WeightCopy, load_from_store
+from services.executor.loading import DiskCopies, WeightCopy, load_from_store
 from services.executor.pipeline import PipelineWorker
 from services.executor.requests import parse_stages, sampling_from_wire
 from services.executor.weights import HostCopies, HostCopy, parse_manifest, same_weights
@@ -96,7 +101,7 @@ from shared.metrics_http import MetricsEndpoint
 from shared.runtime import Service
 from shared.transport.peer import DataPlanePeer, serve_send_chunks
 
-LOAD_FROM = ("none", "host", "store")
+LOAD_FROM = ("none", "host", "disk", "store")
 ENGINE_WAIT_S = 60.0  # a request that arrives while the engine is being built waits this long
 HOUSEKEEPING_S = 0.5
 _POLL_COALESCE_S = 0.05  # readiness polls closer together than this get one answer
@@ -125,6 +130,7 @@ class ExecutorService(Service[ExecutorConfig]):
         self._pacers: dict[str, StepPacer] = {}
         self.compute = ComputeThread()
         self.host_copies = HostCopies(config.host_budget_bytes)
+        self.disk_copies = DiskCopies(config.disk_dir) if config.disk_dir else None
         self.copy: WeightCopy | None = None
         self.driver: EngineDriver | None = None
         self.pipeline: PipelineWorker | None = None
@@ -288,6 +294,13 @@ class ExecutorService(Service[ExecutorConfig]):
             if not same_weights(kept.manifest, manifest):
                 raise ModelNotFound(f"the host copy of {request.model!r} on {self.id} holds "
                                     "other weights than this manifest", model=request.model)
+        disk = None
+        if request.load_from == "disk":
+            disk = self.disk_copies.store_for(request.model, manifest) \
+                if self.disk_copies is not None else None
+            if disk is None:
+                raise ModelNotFound(f"executor {self.id} keeps no local-disk copy of these "
+                                    f"weights of {request.model!r}", model=request.model)
         if current is not None:
             await self._release_current(keep_host_copy=False, error=Unavailable(
                 f"executor {self.id} was reassigned to {request.model!r}"))
@@ -304,9 +317,17 @@ class ExecutorService(Service[ExecutorConfig]):
         if kept is not None:
             self.host_copies.take(request.model)
             await self._forget_host_senders([request.model])
-            await copy.load_bytes(kept.data)
-            if self._engine_task is not None:
-                await asyncio.wait({self._engine_task}, timeout=ENGINE_WAIT_S)
+            rate = self.config.host_load_bytes_per_s
+            if rate is not None:  # EMULATION: host memory -> device at the target's rate
+                copy.load_task = self.spawn(self._local_load(copy, "host", copy.load_bytes(
+                    kept.data, rate)), f"host-load-{copy.model}")
+            else:
+                await copy.load_bytes(kept.data)
+                if self._engine_task is not None:
+                    await asyncio.wait({self._engine_task}, timeout=ENGINE_WAIT_S)
+        elif disk is not None:
+            copy.load_task = self.spawn(self._local_load(copy, "disk", copy.load_from_disk(
+                disk, self.config.disk_read_bytes_per_s)), f"disk-load-{copy.model}")
         elif request.load_from == "store":
             await self._start_store_load(copy)
         await self.emit("executor.assigned", model=request.model, reason=request.load_from,
@@ -336,6 +357,21 @@ class ExecutorService(Service[ExecutorConfig]):
             raise NoResponders(f"no model store answers {subjects.STORE_SOURCE}: cannot load "
                                f"{copy.model!r} from the store", subject=subjects.STORE_SOURCE)
         raise error
+
+    async def _local_load(self, copy: WeightCopy, tier: str, load: Awaitable[None]) -> None:
+        """A load from this node's own host memory or disk, in the background."""
+        started = time.monotonic()
+        try:
+            await load
+        except (LScaleError, OSError) as exc:
+            copy.load_error = f"load from {tier} failed: {exc}"
+            self._last_load_error = copy.load_error
+            self.log.error("local load failed", model=copy.model, tier=tier, error=str(exc))
+            await self.emit("executor.load_failed", model=copy.model, reason=copy.load_error,
+                            executor_id=self.id)
+            return
+        self.log.info(f"loaded from {tier}", model=copy.model,
+                      seconds=round(time.monotonic() - started, 3))
 
     async def _store_load(self, copy: WeightCopy) -> LScaleError | None:
         started = time.monotonic()
@@ -652,6 +688,7 @@ class ExecutorService(Service[ExecutorConfig]):
             ms.EXEC_MODEL_ASSIGNED_S: self.model_assigned_s(),
             "host_copies": self.host_copies.describe(),
             "host_budget_bytes": self.host_copies.budget_bytes,
+            "disk_copies": self.disk_copies.describe() if self.disk_copies is not None else [],
             "device": str(self.device),
             "load_error": copy.load_error if copy else self._last_load_error,
             **self._pace_figures(),
