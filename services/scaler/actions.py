@@ -30,6 +30,7 @@ from services.scaler.placement import plan_multicast
 from services.scaler.provisioners import Provisioner
 from services.scaler.reconcile import (
     INSTANCE_KV_PREFIX,
+    LOAD_DISK,
     LOAD_HOST,
     Action,
     Adopt,
@@ -163,10 +164,11 @@ class ScalerActions(Service[ScalerConfig]):
             return None
         self._since[eid] = started
         self._publish(action_event(action, started, self._source))
-        # a multicast receiver waits for the multicast ("none"), whatever its sources' tier
+        # a multicast receiver waits for the multicast ("none"), whatever its sources' tier;
+        # a local load reads its own host copy or local disk
         body = {"op": "assign", **AssignModel(
             model=action.model, manifest=manifest,
-            load_from="host" if action.load_from == LOAD_HOST else "none",
+            load_from=action.load_from if action.load_from in (LOAD_HOST, LOAD_DISK) else "none",
             transport=self.config.transport, parts=self.config.multicast_parts).to_wire()}
         try:
             reply = await self.bus.request(subjects.exec_ctl(eid), body, reply_type=AssignReply,

@@ -35,7 +35,7 @@ from services.scaler.reconcile import ExecutorReport, InstanceRecord, InstanceSt
 from shared.messages import ExecutorStatus, LayerReadiness, MetricsSnapshot
 
 METRIC_KEYS = ("model", "ready_layers", "num_layers", "running", "queued", "host_copies",
-               "host_budget_bytes")
+               "host_budget_bytes", "disk_copies")
 
 DEAD = -math.inf  # the report time of an executor that said it stopped
 
@@ -56,6 +56,7 @@ class Observation:
     host_copies: tuple[HostCopy, ...] = ()
     host_budget_bytes: int = 0
     stopped: bool = False
+    disk_copies: tuple[HostCopy, ...] = ()  # checkpoints on its local disk
 
     @property
     def ready(self) -> bool:
@@ -120,6 +121,7 @@ def from_metrics(snapshot: MetricsSnapshot, now: float,
         host_copies=parse_host_copies(values.get("host_copies"), model_bytes),
         host_budget_bytes=_int(values.get("host_budget_bytes")),
         stopped=snapshot.state == "stopped",
+        disk_copies=parse_host_copies(values.get("disk_copies"), model_bytes),
     )
 
 
@@ -204,6 +206,7 @@ def executor_reports(
             ready=ready,
             host_budget_bytes=obs.host_budget_bytes,
             host_copies=obs.host_copies,
+            disk_copies=obs.disk_copies,
         )
     return reports
 

@@ -3,7 +3,11 @@
 Pure functions over plain values (no I/O):
 
 * :func:`plan_scale_out` picks executors for ``n`` new instances and the sources of their
-  weights. Executors that already hold a host-memory copy of the model load it locally (no
+  weights. With strategy ``local_tiers`` (the ServerlessLLM baseline, OSDI '24) each new
+  instance loads from its own fastest tier instead — host memory, else its local disk, else
+  the store (``pull_from_store``: every such receiver reads the store over its shared link) —
+  and the executors whose own tier is fastest are chosen first; no multicast from holders.
+  Otherwise: Executors that already hold a host-memory copy of the model load it locally (no
   transfer). The others receive one multicast fed by *every* holder at once: running
   instances' GPU copies, executors' host-memory copies and the store (its memory cache or
   disk), each source feeding its own group with a rotated block order (k-way, k = number of
@@ -29,6 +33,7 @@ from shared.errors import InvalidParameter, PlanError
 STORE_SOURCE_ID = "store"  # the id a multicast request uses for the model store as a source
 DEFAULT_STRATEGY = "lambdapipe"
 PULL_FROM_STORE = "pull_from_store"  # the baseline strategy whose sources are the store only
+LOCAL_TIERS = "local_tiers"  # ServerlessLLM: own host copy, else own disk, else the store
 
 
 class Tier(StrEnum):
@@ -36,6 +41,7 @@ class Tier(StrEnum):
 
     GPU = "gpu"  # a running instance's weight buffer
     HOST = "host"  # an executor's host-memory copy (kept after scale-in)
+    LOCAL_DISK = "local_disk"  # an executor's own local-disk copy (loads only itself)
     STORE_MEMORY = "store_memory"  # the model store's host-memory cache
     STORE_DISK = "store_disk"  # the model store's checkpoint on disk
 
@@ -44,7 +50,7 @@ class Tier(StrEnum):
         return _TIER_ORDER.index(self)
 
 
-_TIER_ORDER = (Tier.GPU, Tier.HOST, Tier.STORE_MEMORY, Tier.STORE_DISK)
+_TIER_ORDER = (Tier.GPU, Tier.HOST, Tier.LOCAL_DISK, Tier.STORE_MEMORY, Tier.STORE_DISK)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Holders:
     store_memory: bool = False
     store_disk: bool = False
     store_id: str = STORE_SOURCE_ID
+    disk: tuple[str, ...] = ()  # executors with a local-disk copy (used by local_tiers only)
 
     @property
     def best_tier(self) -> Tier | None:
@@ -77,7 +84,7 @@ class Holders:
 
 @dataclass(frozen=True)
 class LocalLoad:
-    """An executor that loads ``model`` from its own host-memory copy."""
+    """An executor that loads ``model`` from its own host-memory (or local-disk) copy."""
 
     executor_id: str
     model: str
@@ -152,6 +159,8 @@ def plan_scale_out(
                                field="max_sources")
     free = list(dict.fromkeys(free_executors))  # keep order, drop repeats
     host_holders = set(holders.host)
+    if strategy == LOCAL_TIERS:
+        return _plan_local_tiers(model, n, free, holders, max_sources)
     # Executors with a host copy first: they load locally and add no traffic.
     ordered = [e for e in free if e in host_holders] + [e for e in free if e not in host_holders]
     chosen = ordered[:n]
@@ -166,6 +175,23 @@ def plan_scale_out(
     )
 
 
+def _plan_local_tiers(model: str, n: int, free: list[str], holders: Holders,
+                      max_sources: int | None) -> PlacementPlan:
+    """ServerlessLLM's placement: free executors whose own load is fastest first (host
+    memory, then local disk, then the rest, which read the store over its shared link)."""
+    host, disk = set(holders.host), set(holders.disk) - set(holders.host)
+    ordered = ([e for e in free if e in host] + [e for e in free if e in disk]
+               + [e for e in free if e not in host and e not in disk])
+    chosen = ordered[:n]
+    local = tuple(LocalLoad(e, model, Tier.HOST if e in host else Tier.LOCAL_DISK)
+                  for e in chosen if e in host or e in disk)
+    receivers = tuple(e for e in chosen if e not in host and e not in disk)
+    multicast = plan_multicast(holders, receivers, strategy=PULL_FROM_STORE,
+                               max_sources=max_sources) if receivers else None
+    return PlacementPlan(model=model, requested=n, local_loads=local, multicast=multicast,
+                         shortfall=n - len(chosen))
+
+
 def plan_multicast(
     holders: Holders,
     receivers: Sequence[str],
@@ -176,6 +202,8 @@ def plan_multicast(
     """The multicast that fills ``receivers`` from every holder of the model, fastest tier
     first (raises :class:`PlanError` when nothing holds it). Scale-out uses it, and so does the
     re-drive of receivers whose multicast was never started (a scaler killed in between)."""
+    if strategy == LOCAL_TIERS:  # its store readers (a re-drive of them too) pull the store
+        strategy = PULL_FROM_STORE
     chosen = tuple(dict.fromkeys(receivers))
     if not chosen:
         raise InvalidParameter("receivers: a multicast needs at least one", field="receivers")

@@ -47,6 +47,7 @@ from shared.errors import DecodeError, PlanError
 INSTANCE_KV_PREFIX = "instance."
 LOAD_HOST = "host"  # the executor loads the host-memory copy it kept
 LOAD_MULTICAST = "multicast"  # the executor exposes its buffer and a multicast fills it
+LOAD_DISK = "disk"  # the executor reads its own local-disk copy (strategy local_tiers)
 
 
 class InstanceState(StrEnum):
@@ -80,6 +81,11 @@ class InstanceRecord:
         if self.load_from:
             return self.load_from == LOAD_HOST
         return self.source_tier == Tier.HOST.value  # a row written before load_from existed
+
+    @property
+    def loads_locally(self) -> bool:
+        """Fills itself from its own host copy or disk: no multicast feeds it."""
+        return self.loads_host_copy or self.load_from == LOAD_DISK
 
     @property
     def kv_key(self) -> str:
@@ -127,6 +133,7 @@ class ExecutorReport:
     ready: bool = False  # holds the whole model
     host_budget_bytes: int = 0
     host_copies: tuple[HostCopy, ...] = ()
+    disk_copies: tuple[HostCopy, ...] = ()  # checkpoints on its local disk (size unused)
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,9 @@ class Assign:
 
     @property
     def load_from(self) -> str:
-        return LOAD_MULTICAST if self.transfer is not None else LOAD_HOST
+        if self.transfer is not None:
+            return LOAD_MULTICAST
+        return LOAD_DISK if self.source_tier is Tier.LOCAL_DISK else LOAD_HOST
 
     @property
     def key(self) -> str:
@@ -415,7 +424,7 @@ def reconcile(view: ClusterView) -> ReconcileResult:
         taken = set(plan.executors)
         free = [e for e in free if e not in taken]
         for load in plan.local_loads:
-            emit(Assign(name, spec.model, load.executor_id, Tier.HOST))
+            emit(Assign(name, spec.model, load.executor_id, load.tier))
         if plan.multicast is not None:
             transfer = multicast_key(spec.model, plan.multicast.receivers)
             for receiver in plan.multicast.receivers:
@@ -507,6 +516,13 @@ def model_holders(
     # model's traffic (requests, pipeline activations).
     free_set = set(free)
     host.sort(key=lambda e: (e not in free_set, e))
+    disk = [
+        e
+        for e in sorted(view.executors)
+        if _liveness(view, e) and any(
+            c.model == model and (not current or not c.weights or c.weights == current)
+            for c in view.executors[e].disk_copies)
+    ]
     return Holders(
         model=model,
         gpu=tuple(gpu),
@@ -514,6 +530,7 @@ def model_holders(
         store_memory=model in view.store.memory,
         store_disk=model in view.store.disk,
         store_id=view.store.store_id,
+        disk=tuple(disk),
     )
 
 

@@ -101,7 +101,7 @@ def stalled_rows(
         record = instances[eid]
         if record.state is not InstanceState.LOADING or eid in busy:
             continue
-        if record.loads_host_copy:
+        if record.loads_locally:
             continue
         inherited = started_at is not None and record.started_at < started_at
         if now - record.started_at < after_s and not inherited:

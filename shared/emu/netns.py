@@ -166,6 +166,9 @@ class EmuCluster:
 
     nodes_count: int
     link_mbit: float | None = None  # None: unshaped
+    # per-node rates overriding link_mbit (index = node; None there: link_mbit), e.g. a
+    # model store whose link differs from the executors' (the scaled testbed)
+    node_link_mbit: tuple[float | None, ...] = ()
     subnet: int | None = None  # third octet of 10.213.<subnet>.0/24; default from the pid
     nodes: list[EmuNode] = field(default_factory=list)
     bridge: str = ""
@@ -180,6 +183,9 @@ class EmuCluster:
             raise ConfigError("nodes", f"must be 1..250, got {self.nodes_count}")
         if self.link_mbit is not None and self.link_mbit <= 0:
             raise ConfigError("link_mbit", f"must be positive, got {self.link_mbit}")
+        if len(self.node_link_mbit) > self.nodes_count or any(
+                r is not None and not r > 0 for r in self.node_link_mbit):
+            raise ConfigError("node_link_mbit", "one positive rate (or None) per node at most")
         pid = os.getpid()
         self.tag = str(pid)
         octet = self.subnet if self.subnet is not None else 16 + pid % 200
@@ -225,20 +231,26 @@ class EmuCluster:
                  check=False)
             _run(["ip", "link", "set", host_veth, "master", self.bridge])
             _run(["ip", "link", "set", host_veth, "up"])
-            if self.link_mbit is not None:
-                _run([*inside, *self._tbf("eth0")])
-                _run(self._tbf(host_veth))
+            rate = self.rate_of(i)
+            if rate is not None:
+                _run([*inside, *self._tbf("eth0", rate)])
+                _run(self._tbf(host_veth, rate))
             self.nodes.append(EmuNode(i, ns, address, host_veth))
         log.info("emulated cluster up", nodes=self.nodes_count, link_mbit=self.link_mbit,
                  bridge=self.bridge)
 
-    def _tbf(self, dev: str) -> list[str]:
-        assert self.link_mbit is not None
-        rate_bytes = self.link_mbit * 1e6 / 8
+    def rate_of(self, node: int) -> float | None:
+        """Node ``node``'s link rate, Mbit/s (None: unshaped)."""
+        if node < len(self.node_link_mbit) and self.node_link_mbit[node] is not None:
+            return self.node_link_mbit[node]
+        return self.link_mbit
+
+    def _tbf(self, dev: str, mbit: float) -> list[str]:
+        rate_bytes = mbit * 1e6 / 8
         # the bucket must hold a full GSO segment (64 KiB) or large packets are dropped
         burst = max(128 * 1024, int(rate_bytes / 100))
         return ["tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                "rate", f"{self.link_mbit}mbit", "burst", str(burst), "latency", "10ms"]
+                "rate", f"{mbit}mbit", "burst", str(burst), "latency", "10ms"]
 
     def down(self) -> None:
         if not self._up:
@@ -350,4 +362,4 @@ class EmuCluster:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"node": n.index, "netns": n.netns, "address": n.address,
-                 "link_mbit": self.link_mbit} for n in self.nodes]
+                 "link_mbit": self.rate_of(n.index)} for n in self.nodes]

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from shared.emu import EmuCluster, cleanup_stale, netns_unavailable_reason
+from shared.errors import ConfigError
 
 REASON = netns_unavailable_reason()
 pytestmark = [pytest.mark.netns,
@@ -136,3 +137,21 @@ def test_bridge_forward_rule_is_ours_to_add_and_remove() -> None:
     finally:
         subprocess.run(["iptables", "-D", "FORWARD", "-i", dead_bridge, "-o", dead_bridge, "-j",
                         "ACCEPT"], capture_output=True)
+
+
+def test_a_node_can_have_its_own_link_rate() -> None:
+    # the scaled testbed gives the store's node another rate than the executors'
+    with EmuCluster(3, link_mbit=80.0, node_link_mbit=(20.0,)) as cluster:
+        assert [d["link_mbit"] for d in cluster.describe()] == [20.0, 80.0, 80.0]
+        for node, mbit in ((0, 20.0), (1, 80.0)):
+            qdisc = subprocess.run(cluster.argv_in(node, ["tc", "qdisc", "show", "dev", "eth0"]),
+                                   capture_output=True, text=True).stdout
+            assert f"rate {int(mbit)}Mbit" in qdisc, qdisc
+            host_side = subprocess.run(["tc", "qdisc", "show", "dev",
+                                        cluster.nodes[node].host_veth],
+                                       capture_output=True, text=True).stdout
+            assert f"rate {int(mbit)}Mbit" in host_side, host_side
+    with pytest.raises(ConfigError):
+        EmuCluster(2, node_link_mbit=(10.0, 10.0, 10.0))
+    with pytest.raises(ConfigError):
+        EmuCluster(2, node_link_mbit=(0.0,))

@@ -12,6 +12,7 @@ from services.scaler.placement import (
     InstanceInfo,
     Tier,
     choose_instances_to_remove,
+    plan_multicast,
     plan_scale_in,
     plan_scale_out,
 )
@@ -118,6 +119,28 @@ def test_pull_from_store_sources_from_the_store_even_when_instances_run() -> Non
     assert plan.multicast.receivers == ("f1", "h1")
     with pytest.raises(PlanError, match="no copy"):
         plan_scale_out(M, 1, ["f1"], Holders(model=M, gpu=("g1",)), strategy="pull_from_store")
+
+
+def test_local_tiers_loads_each_instance_from_its_own_fastest_tier() -> None:
+    # ServerlessLLM: host copy first, then local disk, then the store; no multicast from the
+    # running instance or the host copies, and the fastest loaders are the ones chosen
+    holders = Holders(model=M, gpu=("g1",), host=("h1",), disk=("d1", "h1"), store_disk=True)
+    plan = plan_scale_out(M, 3, ["f1", "d1", "f2", "h1"], holders, strategy="local_tiers")
+    assert [(x.executor_id, x.tier) for x in plan.local_loads] == [
+        ("h1", Tier.HOST), ("d1", Tier.LOCAL_DISK)]
+    assert plan.multicast is not None
+    assert plan.multicast.receivers == ("f1",)
+    assert plan.multicast.sources == (STORE_SOURCE_ID,)
+    assert plan.multicast.strategy == "pull_from_store"
+    assert plan.shortfall == 0
+    only_local = plan_scale_out(M, 1, ["f1", "d1"], holders, strategy="local_tiers")
+    assert only_local.multicast is None and only_local.executors == ("d1",)
+    # the other strategies ignore local disks (a multicast beats a disk read here)
+    multicast = plan_scale_out(M, 2, ["d1", "f1"], holders)
+    assert multicast.local_loads == () and multicast.multicast is not None
+    assert set(multicast.multicast.receivers) == {"d1", "f1"}
+    # a re-drive of the store readers asks for pull_from_store too
+    assert plan_multicast(holders, ["f1"], strategy="local_tiers").strategy == "pull_from_store"
 
 
 @settings(max_examples=200, deadline=None)

@@ -334,3 +334,19 @@ def test_reconcile_properties(c: dict[str, object]) -> None:
     after = view(desired, list(live.values()), list(table.values()))  # type: ignore[arg-type]
     follow_up = reconcile(after)
     assert not [a for a in follow_up.actions if isinstance(a, Assign | Release)], follow_up
+
+
+def test_local_tiers_assigns_disk_loads_that_no_multicast_feeds() -> None:
+    disk = dataclasses.replace(report("d0"), disk_copies=(HostCopy("ma", GB, 0.0),))
+    v = view({"a": 2}, [disk, report("f0")], strategy="local_tiers")
+    result = reconcile(v)
+    assigns = [a for a in result.actions if isinstance(a, Assign)]
+    by_eid = {a.executor_id: a for a in assigns}
+    assert by_eid["d0"].source_tier is Tier.LOCAL_DISK and by_eid["d0"].load_from == "disk"
+    assert by_eid["d0"].transfer is None
+    assert by_eid["f0"].load_from == "multicast"
+    [multicast] = [a for a in result.actions if isinstance(a, StartMulticast)]
+    assert multicast.request.receivers == ("f0",)
+    assert multicast.request.strategy == "pull_from_store"
+    row = InstanceRecord("d0", "a", "ma", InstanceState.LOADING, NOW, "local_disk", "disk")
+    assert row.loads_locally and not row.loads_host_copy
