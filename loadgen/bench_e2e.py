@@ -1,53 +1,57 @@
-"""``python -m loadgen bench-e2e``: one trace window replayed against three scaling designs.
+"""``python -m loadgen bench-e2e``: a burst of the Azure LLM trace against four scaling designs,
+on a scaled testbed with GPU-paced executors, in a stated scenario.
 
-The same burst of the Azure LLM trace is replayed, open-loop, against a fresh cluster per mode
-(same executors, same deployment spec with ``min_instances = 0``, so every mode scales from
-zero when the burst arrives):
+What is compared (:data:`loadgen.scenarios.MODES`, same cluster, same trace window, a fresh
+cluster per episode):
 
-* ``lambdascale`` — new instances get their weights by λPipe multicast (binomial pipeline
-  from the store, later from running instances, k-way) and the router serves through
-  execution pipelines of partial copies while they load (execute-while-load);
-* ``multicast_only`` — the same multicast, but the router uses whole local copies only
-  (router ``pipelines=false``);
-* ``serverlessllm`` — every new instance reads the checkpoint from the store
-  (scaler strategy ``pull_from_store``: the store's link is shared by all new instances, as
-  N GPUs loading from one storage server share it), no pipelines.
+* ``lambdascale`` — new instances get their weights by λPipe multicast from every holder
+  (running instances, host copies, the store; k-way, rotated block orders) and the router
+  serves through execution pipelines of partial copies while they load;
+* ``multicast_only`` — the same multicast; local instances only;
+* ``serverlessllm`` — ServerlessLLM (OSDI '24): each new instance loads from its own fastest
+  tier (host memory, else its local disk where the checkpoint is cached, else the store over
+  the store's shared link), the executors whose own load is fastest chosen first; no
+  multicast, no pipelines (scaler strategy ``local_tiers``);
+* ``store_pull`` — the naive baseline: every new instance without a host copy reads the store.
 
-The cluster: a nats-server, router, scaler and transfer service in this host's network
-namespace; the model store and each executor in a network namespace of their own (see
-:mod:`shared.emu`), every link shaped to ``--link-mbit`` both ways, so loading a model takes
-``model_bytes * 8 / link_rate`` — the wire, not the CPU, is what a new instance waits for.
-Without root (no namespaces) ``--network loopback`` runs everything on 127.0.0.1 with
-unshaped links (the data plane has no send-rate cap), so loads are fast and the modes differ
-little; the JSON says which network was used.
+**Scaled testbed** (EMULATED, default; :class:`loadgen.scenarios.Testbed`). The bytes that
+move are a tiny random-weight checkpoint's; every rate is the target profile's times one
+factor, tiny bytes / target bytes: each executor's link and the store's link (``tc`` in
+network namespaces, :mod:`shared.emu`), each node's local-disk reads and host memory ->
+device copies (executor ``disk_read_mbps`` / ``host_load_mbps``). Load times in seconds are
+then the target's, and compute is paced to the target too (executor ``pace``, from
+:mod:`shared.costmodel`): each engine step takes what the named GPU takes for the named model.
+The JSON's ``testbed`` states the profile, the factor and the target-equivalent rates.
 
-Each mode's replay starts just after a periodic router load report, so the reports (and the
-scaler's decisions on them) fall at the same moments of the burst in every mode (else the
-timer's random phase decides how many requests each wave of new instances is sized for).
+**Scenario** (``--scenario``): ``warm`` (one instance running when the burst arrives),
+``host`` (scaled to zero before, host copies kept on 2 nodes), ``cold`` (only the store).
+The scenario is prepared on each fresh cluster before the replay (the warm instance loaded,
+the host copies made by a real scale-in); nodes that loaded then get a local-disk copy
+(``--disk-cache loaded``, the default: a cluster serving many models cannot keep each on every
+disk; ``all`` / ``none`` vary it).
 
-Two properties of the system shape the result (the JSON's per-mode summaries list every
-multicast, its sources and receivers, and every instance's load time):
+**Episode and cost.** An episode is the replay plus the time until every instance beyond the
+scenario's floor (1 warm, else 0) is released again (keep-alive). GPU-seconds are
+executor-seconds with a model assigned, from each assign to its release, over the episode
+(the executors' ``model_assigned_s`` counters). *Cost at equal SLO*: each mode is run at the
+keep-alive values of ``--keep-alive-sweep`` too; the least GPU-seconds among the points
+reaching ``--slo-target`` (90%) TTFT-SLO attainment.
 
-* from zero the only source is the store: one binomial pipeline, in which the receivers
-  together cover the model only about one block-time before the first of them holds it all
-  (tests/e2e/test_execute_while_load.py measures this window), so ``lambdascale`` gains little
-  over ``multicast_only`` from zero; pipelines pay off when a later wave is multicast from
-  k >= 2 running instances (rotated block orders);
-* waves decided while an earlier wave still loads from the store join the running multicast
-  (services/transfer/merge.py) instead of sharing the store's link with a second one.
+**CPU validity.** The host's CPU busy fraction over each replay and every process's CPU
+seconds are in the JSON; an episode whose host was over ``--cpu-busy-limit`` (75%) busy is
+marked invalid (the CPU, not the design, would then shape the figures), and so is one whose
+paced steps fell behind the target's time (``paced_behind_fraction``).
 
-The model is a random-weight Llama-family checkpoint generated here (``--layers``,
-``--hidden`` ...: tens of MB in float32, yet cheap enough per token for a CPU), ingested once
-into a store directory under ``--out`` and reused by later runs with the same shape. Prompts
-are built with the model's own tokenizer (``<store>/<name>/hf``) to the trace's token counts,
-capped by ``--max-prompt-tokens`` / ``--max-output-tokens``.
+**Wall time.** One scenario run is ``len(modes) + len(sweep) * len(sweep modes)`` episodes of
+about (start-up ~15 s + scenario set-up + window + keep-alive + a few s): with the defaults
+(20 s window, 4 modes, keep-alive 4 s and a sweep of 1.5 and 12 s for three modes: 10
+episodes) about 8-10 minutes on a quiet 2-core machine. ``--repeats`` runs it again and
+reports each ratio's spread; ``--link-disk-ratios`` re-runs it with the network link at that
+multiple of the local disk's rate, to show where execute-while-load wins and loses.
 
-Figures per mode: p50/p99 TTFT, p99 end-to-end latency, TTFT-SLO attainment, and GPU-seconds
-(executor-seconds with a model assigned, from the executors' ``model_assigned_s`` counters over
-the replay: :class:`loadgen.cost.NatsMetricsWatcher`); and each figure's ratio to
-``serverlessllm``'s. Outputs in ``--out``: ``bench_e2e.json``, per mode ``<mode>/requests.csv``,
-``<mode>/summary.json`` and its plots, and ``cdf_modes.png`` (the three modes' TTFT and
-end-to-end CDFs on one figure) and ``timeline_modes.png`` (instances, queue, completions).
+Outputs in ``--out``: ``bench_e2e.json``, per episode ``<tag>/requests.csv`` and
+``<tag>/summary.json``, and per run ``cdf_modes.png`` (every mode's TTFT and end-to-end CDF)
+and ``timeline_modes.png`` (instances, pipelines, queue depth, completions).
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,79 +75,121 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.client import DEFAULT_EXTRA_BODY, RequestRecord
+from loadgen.scenarios import (
+    BASELINE,
+    DEFAULT_PROFILE,
+    MODES,
+    PROFILES,
+    DiskCache,
+    Mode,
+    Scenario,
+    ScenarioKind,
+    SweepPoint,
+    Testbed,
+    busiest_window,
+    cost_at_equal_slo,
+    profile_named,
+    scenario,
+    spread,
+)
 from loadgen.stats import Slo, percentile
 from loadgen.trace import Arrival, TraceShaping, read_trace
-from shared.errors import ConfigError, LScaleError, Unavailable
+from shared.errors import ConfigError, InvalidParameter, LScaleError, Unavailable
 
-
-@dataclass(frozen=True)
-class Mode:
-    name: str
-    strategy: str  # the scaler's multicast strategy
-    pipelines: bool  # the router's execute-while-load
-    what: str
-
-
-MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("lambdascale", "lambdapipe", True, "multicast + execute-while-load"),
-    Mode("multicast_only", "lambdapipe", False, "multicast, local instances only"),
-    Mode("serverlessllm", "pull_from_store", False,
-         "every new instance loads from the store, local instances only"),
-)}
-BASELINE = "serverlessllm"
-# the issue's targets, checked (not enforced) in the JSON
-TARGET_TTFT_P99_RATIO = 1 / 3
-TARGET_GPU_SECONDS_RATIO = 0.8
+# the issue's targets per scenario (checked, not enforced, in the JSON)
+TARGETS: dict[ScenarioKind, dict[str, float]] = {
+    ScenarioKind.WARM: {"lambdascale/serverlessllm ttft_p99_s": 0.33,
+                        "lambdascale/multicast_only ttft_p99_s": 0.8,
+                        "lambdascale/serverlessllm cost_at_equal_slo": 0.7},
+    ScenarioKind.HOST: {"lambdascale/serverlessllm ttft_p99_s": 0.33},
+    ScenarioKind.COLD: {"lambdascale/serverlessllm ttft_p99_s": 0.5},
+}
+REPEAT_AGREEMENT = 0.15  # repeated runs' ratios within +-15% of their mean
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_llm_2023_conv.csv"
 MODEL_NAME = "bench-e2e"
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024
-_READY_TIMEOUT_S = 90.0
+_READY_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 8.0
 
 
 # --- arguments ------------------------------------------------------------------------------
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
                    help="Azure LLM trace CSV (default: the 2023 conversation trace)")
-    w.add_argument("--start", type=float, default=1865.0,
-                   help="window start, trace seconds (default 1865: the trace's busiest minute)")
-    w.add_argument("--duration", type=float, default=30.0, help="window length, trace seconds")
+    w.add_argument("--start", type=float, default=None,
+                   help="window start, trace seconds (default: the busiest --duration window)")
+    w.add_argument("--duration", type=float, default=20.0, help="window length, trace seconds")
     w.add_argument("--speedup", type=float, default=1.0)
     w.add_argument("--rate-multiplier", type=float, default=1.0)
     w.add_argument("--burst-jitter", type=float, default=0.5)
     w.add_argument("--max-requests", type=int, default=None)
-    w.add_argument("--max-prompt-tokens", type=int, default=32,
-                   help="cap on each request's prompt tokens (a CPU serves the model)")
-    w.add_argument("--max-output-tokens", type=int, default=8,
+    w.add_argument("--max-prompt-tokens", type=int, default=128,
+                   help="cap on each request's prompt tokens (the tiny model computes them "
+                        "on a CPU; the pacer charges the target's time for the same tokens)")
+    w.add_argument("--max-output-tokens", type=int, default=32,
                    help="cap on each request's output tokens")
-    w.add_argument("--slo-ttft", type=float, default=3.0, help="TTFT SLO, seconds")
-    w.add_argument("--request-timeout", type=float, default=180.0)
+    w.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO, seconds")
+    w.add_argument("--slo-target", type=float, default=0.9,
+                   help="attainment a mode must reach for cost at equal SLO")
+    w.add_argument("--request-timeout", type=float, default=120.0)
     w.add_argument("--seed", type=int, default=0)
+
+    s = p.add_argument_group("scenario and testbed")
+    s.add_argument("--scenario", choices=[k.value for k in ScenarioKind], default="warm")
+    s.add_argument("--disk-cache", choices=[d.value for d in DiskCache], default="loaded",
+                   help="nodes with a local-disk copy: those that loaded before (default), "
+                        "all, none")
+    s.add_argument("--profile", choices=list(PROFILES), default=DEFAULT_PROFILE,
+                   help="the target: GPU x model pacing and the rates the links stand for")
+    s.add_argument("--testbed", choices=("scaled", "unscaled"), default="scaled",
+                   help="scaled: every rate = profile rate x tiny/target bytes and executors "
+                        "paced (EMULATED); unscaled: --link-mbit links, no pacing, no tiers")
+    s.add_argument("--link-mbit", type=float, default=50.0,
+                   help="unscaled testbed only: every emulated link, Mbit/s")
+    s.add_argument("--link-disk-ratio", type=float, default=None,
+                   help="scaled testbed: the network link at this multiple of the local "
+                        "disk's rate instead of the profile's")
+    s.add_argument("--link-disk-ratios", type=_floats, default=(),
+                   help="comma list: run the scenario at each of these link/disk ratios "
+                        "(a sweep; overrides --link-disk-ratio)")
 
     c = p.add_argument_group("cluster")
     c.add_argument("--modes", default=",".join(MODES),
                    help=f"comma-separated subset of {','.join(MODES)} (default: all)")
-    c.add_argument("--executors", type=int, default=6)
+    c.add_argument("--executors", type=int, default=8)
     c.add_argument("--network", choices=("auto", "emu", "loopback"), default="auto",
                    help="emu: namespaces with shaped links (needs root); auto: emu when root")
-    c.add_argument("--link-mbit", type=float, default=50.0,
-                   help="emulated link rate, Mbit/s (default 50: one copy of the default "
-                        "63 MB model takes 10 s over one link)")
     c.add_argument("--target-concurrency", type=float, default=1.0,
-                   help="deployment target: outstanding requests per instance")
-    c.add_argument("--keep-alive", type=float, default=8.0, help="deployment keep-alive, s")
+                   help="deployment target: outstanding requests per instance (the router "
+                        "gives a local instance at most this many at once)")
+    c.add_argument("--keep-alive", type=float, default=4.0,
+                   help="deployment keep-alive of the main episodes, s")
+    c.add_argument("--keep-alive-sweep", type=_floats, default=(1.5, 12.0),
+                   help="more keep-alive values (comma list) for cost at equal SLO; empty: "
+                        "no sweep")
+    c.add_argument("--sweep-modes", default="lambdascale,multicast_only,serverlessllm",
+                   help="modes run at the sweep's keep-alives too")
     c.add_argument("--parts", type=int, default=2, help="chunks per block in a multicast")
+    c.add_argument("--episode-timeout", type=float, default=60.0,
+                   help="after the replay, wait at most this long for the floor")
+    c.add_argument("--cpu-busy-limit", type=float, default=0.75,
+                   help="an episode whose host CPU was busier than this is invalid")
+    c.add_argument("--repeats", type=int, default=1, help="run the whole scenario N times")
 
     m = p.add_argument_group("model (random weights, generated here)")
     m.add_argument("--layers", type=int, default=8)
-    m.add_argument("--hidden", type=int, default=384)
-    m.add_argument("--heads", type=int, default=6)
+    m.add_argument("--hidden", type=int, default=64)
+    m.add_argument("--heads", type=int, default=4)
     m.add_argument("--kv-heads", type=int, default=2)
-    m.add_argument("--intermediate", type=int, default=1024)
+    m.add_argument("--intermediate", type=int, default=176)
     m.add_argument("--vocab", type=int, default=4096)
     m.add_argument("--blocks", type=int, default=8)
 
@@ -170,7 +218,7 @@ class BenchConfig:
     modes: tuple[str, ...]
     executors: int
     network: str  # "emu" | "loopback"
-    link_mbit: float | None
+    link_mbit: float | None  # unscaled testbed's links
     target_concurrency: float
     keep_alive_s: float
     parts: int
@@ -180,31 +228,73 @@ class BenchConfig:
     request_timeout_s: float
     seed: int
     max_seq_len: int
+    scenario: Scenario = field(default_factory=lambda: scenario("cold"))
+    scaled: bool = False
+    profile: str = DEFAULT_PROFILE
+    link_disk_ratios: tuple[float | None, ...] = (None,)
+    sweep: tuple[float, ...] = ()
+    sweep_modes: tuple[str, ...] = ()
+    slo_target: float = 0.9
+    episode_timeout_s: float = 60.0
+    cpu_busy_limit: float = 0.75
+    repeats: int = 1
+
+
+def _mode_list(text: str, what: str) -> tuple[str, ...]:
+    modes = tuple(m for m in text.split(",") if m)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise ConfigError(what, f"unknown modes {unknown}; known: {', '.join(MODES)}")
+    return modes
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    modes = tuple(m for m in args.modes.split(",") if m)
-    unknown = sorted(set(modes) - set(MODES))
-    if unknown or not modes:
-        raise ConfigError("modes", f"unknown or no modes {unknown}; known: {', '.join(MODES)}")
+    modes = _mode_list(args.modes, "modes")
+    if not modes:
+        raise ConfigError("modes", f"no modes; known: {', '.join(MODES)}")
     if args.executors < 1:
         raise ConfigError("executors", "must be >= 1")
     if args.max_prompt_tokens < 1 or args.max_output_tokens < 1:
         raise ConfigError("max_prompt_tokens", "token caps must be >= 1")
+    if args.repeats < 1:
+        raise ConfigError("repeats", "must be >= 1")
     network = args.network
     if network == "auto":
         from shared.emu import netns_unavailable_reason
 
         network = "emu" if netns_unavailable_reason() is None else "loopback"
-    link = args.link_mbit if network == "emu" else None
+    scaled = args.testbed == "scaled"
+    if scaled and network != "emu":
+        raise ConfigError("testbed", "the scaled testbed shapes links in network namespaces "
+                                     "(needs root); use --testbed unscaled --network loopback")
+    link = args.link_mbit if network == "emu" and not scaled else None
     if link is not None and not link > 0:
         raise ConfigError("link_mbit", "must be > 0")
+    ratios: tuple[float | None, ...] = tuple(args.link_disk_ratios) or (args.link_disk_ratio,)
+    if any(r is not None and not r > 0 for r in ratios):
+        raise ConfigError("link_disk_ratio", "must be > 0")
     shape = ModelShape(args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate,
                        args.vocab, args.blocks)
+    try:
+        scen = scenario(args.scenario, args.disk_cache)
+        profile_named(args.profile)
+    except InvalidParameter as exc:
+        raise ConfigError("scenario", exc.message) from None
+    if scen.floor > args.executors or scen.preloaded > args.executors:
+        raise ConfigError("executors", f"scenario {scen.kind.value} needs {scen.preloaded} "
+                                       "executors before the burst")
+    sweep = tuple(k for k in dict.fromkeys(args.keep_alive_sweep) if k != args.keep_alive)
+    if any(not k > 0 for k in (args.keep_alive, *sweep)):
+        raise ConfigError("keep_alive", "keep-alive values must be > 0")
+    sweep_modes = tuple(m for m in _mode_list(args.sweep_modes, "sweep_modes") if m in modes)
     return BenchConfig(modes, args.executors, network, link, args.target_concurrency,
                        args.keep_alive, args.parts, shape, args.out,
                        Slo(ttft_s=args.slo_ttft), args.request_timeout, args.seed,
-                       max_seq_len=args.max_prompt_tokens + args.max_output_tokens + 16)
+                       max_seq_len=args.max_prompt_tokens + args.max_output_tokens + 16,
+                       scenario=scen, scaled=scaled, profile=args.profile,
+                       link_disk_ratios=ratios, sweep=sweep, sweep_modes=sweep_modes,
+                       slo_target=args.slo_target, episode_timeout_s=args.episode_timeout,
+                       cpu_busy_limit=args.cpu_busy_limit, repeats=args.repeats)
 
 
 # --- the workload (pure) --------------------------------------------------------------------
@@ -218,6 +308,9 @@ def cap_sizes(arrivals: Sequence[Arrival], max_prompt: int, max_output: int) -> 
 
 def build_workload(args: argparse.Namespace) -> tuple[list[Arrival], dict[str, Any]]:
     trace = read_trace(args.trace)
+    busiest = args.start is None
+    if busiest:
+        args.start = busiest_window([a.at_s for a in trace.arrivals], args.duration)
     shaping = TraceShaping(start_s=args.start, duration_s=args.duration, speedup=args.speedup,
                            rate_multiplier=args.rate_multiplier,
                            burst_jitter_s=args.burst_jitter, max_requests=args.max_requests,
@@ -228,7 +321,8 @@ def build_workload(args: argparse.Namespace) -> tuple[list[Arrival], dict[str, A
     arrivals = cap_sizes(shaped, args.max_prompt_tokens, args.max_output_tokens)
     span = arrivals[-1].at_s
     return arrivals, {
-        "path": str(args.trace), "window": {"start_s": args.start, "duration_s": args.duration},
+        "path": str(args.trace), "window": {"start_s": args.start, "duration_s": args.duration,
+                                            "busiest": busiest},
         "speedup": args.speedup, "rate_multiplier": args.rate_multiplier,
         "requests": len(arrivals), "scheduled_span_s": span,
         "mean_rate_per_s": len(arrivals) / span if span > 0 else None,
@@ -300,6 +394,8 @@ class ClusterRun:
     model: PreparedModel
     state_dir: Path
     emu: Any = None  # shared.emu.EmuCluster when network == "emu"
+    testbed: Testbed | None = None  # the scaled testbed (EMULATED rates, paced executors)
+    keep_alive_s: float = 0.0
     nats: Any = None
     procs: list[_Proc] = field(default_factory=list)
     http_url: str = ""
@@ -310,6 +406,42 @@ class ClusterRun:
 
     def _host_of(self, node: int) -> str:
         return str(self.emu.nodes[node].address) if self.emu is not None else "127.0.0.1"
+
+    def disk_dir(self, executor: str) -> Path:
+        """That executor's local-disk tier (a store-format directory)."""
+        return self.state_dir / "disk" / executor
+
+    def put_on_disk(self, executor: str) -> None:
+        """A local-disk copy of the model for ``executor``: the store's files, hard-linked
+        (the bytes are the same; reads of them are paced to the profile's disk rate)."""
+        target = self.disk_dir(executor) / self.model.name
+        if target.exists():
+            return
+        source = self.model.store_dir / self.model.name
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            shutil.copytree(source, tmp, copy_function=os.link)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)  # another filesystem: a real copy
+        tmp.rename(target)  # the manifest appears with every block already in place
+
+    def executor_env(self, i: int) -> dict[str, str]:
+        env = {"LSCALE_DEVICE": "cpu", "LSCALE_DATA_HOST": self._host_of(i + 1),
+               "LSCALE_KV_BUDGET_MB": "48", "LSCALE_HOST_BUDGET_MB": "512",
+               # KV rows sized to the capped requests, not the model's 2048-token context:
+               # 48 MiB then holds dozens of requests instead of three
+               "LSCALE_MAX_SEQ_LEN": str(self.cfg.max_seq_len),
+               "LSCALE_PARTS": str(self.cfg.parts),
+               "LSCALE_DISK_DIR": str(self.disk_dir(f"exec-{i}"))}
+        if self.testbed is not None:
+            from loadgen.scenarios import Tier as RateTier
+
+            # EMULATION: the target's compute time per step, its NVMe and PCIe rates scaled
+            env["LSCALE_PACE"] = self.testbed.profile.pace_spec
+            env["LSCALE_DISK_READ_MBPS"] = f"{self.testbed.scaled_rate(RateTier.DISK) / 1e6:.6f}"
+            env["LSCALE_HOST_LOAD_MBPS"] = f"{self.testbed.scaled_rate(RateTier.HOST) / 1e6:.6f}"
+        return env
 
     def start(self) -> None:
         """Start everything (from the main thread: children die with their parent thread)."""
@@ -347,13 +479,8 @@ class ClusterRun:
                 "LSCALE_HOST_CACHE_MB": "1024"}, 0),
         ]
         for i in range(self.cfg.executors):
-            specs.append((f"exec-{i}", [*py, "services.executor"], {
-                "LSCALE_DEVICE": "cpu", "LSCALE_DATA_HOST": self._host_of(i + 1),
-                "LSCALE_KV_BUDGET_MB": "48", "LSCALE_HOST_BUDGET_MB": "512",
-                # KV rows sized to the capped requests, not the model's 2048-token context:
-                # 48 MiB then holds dozens of requests instead of three
-                "LSCALE_MAX_SEQ_LEN": str(self.cfg.max_seq_len),
-                "LSCALE_PARTS": str(self.cfg.parts)}, i + 1))
+            self.disk_dir(f"exec-{i}").mkdir(parents=True, exist_ok=True)
+            specs.append((f"exec-{i}", [*py, "services.executor"], self.executor_env(i), i + 1))
         logs = self.state_dir / "logs"
         logs.mkdir(exist_ok=True)
         for name, argv, env, node in specs:
@@ -500,20 +627,28 @@ async def _wait_ready(cluster: ClusterRun, timeout: float) -> None:
         await bus.close()
 
 
-async def _deploy(cluster: ClusterRun, cfg: BenchConfig, timeout: float) -> None:
-    import httpx
-
+async def _set_deployment(cluster: ClusterRun, cfg: BenchConfig, *, min_instances: int,
+                          keep_alive_s: float) -> None:
     from shared import subjects
     from shared.bus import Bus
 
     bus = await Bus.connect(cluster.nats.url, "bench-e2e")
     try:
         await bus.request(subjects.SCALER_DEPLOY, {
-            "name": cluster.model.name, "model": cluster.model.name, "min_instances": 0,
-            "max_instances": cfg.executors, "target_concurrency": cfg.target_concurrency,
-            "keep_alive_s": cfg.keep_alive_s}, timeout=10)
+            "name": cluster.model.name, "model": cluster.model.name,
+            "min_instances": min_instances, "max_instances": cfg.executors,
+            "target_concurrency": cfg.target_concurrency, "keep_alive_s": keep_alive_s},
+            timeout=10)
     finally:
         await bus.close()
+
+
+async def _deploy(cluster: ClusterRun, cfg: BenchConfig, timeout: float, *,
+                  min_instances: int = 0, keep_alive_s: float | None = None) -> None:
+    import httpx
+
+    await _set_deployment(cluster, cfg, min_instances=min_instances,
+                          keep_alive_s=cfg.keep_alive_s if keep_alive_s is None else keep_alive_s)
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=timeout) as client:
         listed = False
@@ -526,7 +661,7 @@ async def _deploy(cluster: ClusterRun, cfg: BenchConfig, timeout: float) -> None
                 if listed:
                     # a request the router refuses only after tokenizing it (more tokens than
                     # the context holds): once it answers 400, the tokenizer is built, and
-                    # no instance was asked for (every mode must start from zero)
+                    # no instance was asked for
                     probe = await client.post(f"{cluster.http_url}/v1/completions", json={
                         "model": cluster.model.name, "prompt": "warm up",
                         "max_tokens": 10_000_000})
@@ -588,25 +723,138 @@ async def _after_next_load_report(bus: Any, timeout: float) -> None:
         await bus.unsubscribe(handle)
 
 
-# --- one mode -------------------------------------------------------------------------------
+# --- what the executors report (pure, over the metrics watcher's samples) -------------------
+
+
+def latest_executor_values(samples: Sequence[Any]) -> dict[str, Mapping[str, Any]]:
+    """Each executor's latest metrics values (samples: :class:`loadgen.cost.MetricSample`)."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for sample in sorted(samples, key=lambda x: x.received):
+        if sample.service == "executor":
+            out[sample.instance_id] = sample.values
+    return out
+
+
+def assigned_executors(samples: Sequence[Any], model: str) -> list[str]:
+    return sorted(e for e, v in latest_executor_values(samples).items() if v.get("model") == model)
+
+
+def _copies_of(values: Mapping[str, Any], key: str, model: str) -> bool:
+    copies = values.get(key) or []
+    return any((c.get("model") if isinstance(c, Mapping) else c) == model for c in copies)
+
+
+def host_copy_holders(samples: Sequence[Any], model: str) -> list[str]:
+    return sorted(e for e, v in latest_executor_values(samples).items()
+                  if _copies_of(v, "host_copies", model))
+
+
+def disk_copy_holders(samples: Sequence[Any], model: str) -> list[str]:
+    return sorted(e for e, v in latest_executor_values(samples).items()
+                  if _copies_of(v, "disk_copies", model))
+
+
+PACE_KEYS = ("paced_passes", "paced_passes_behind", "paced_modelled_s", "paced_waited_s",
+             "paced_behind_s")
+
+
+def pace_figures(samples: Sequence[Any]) -> dict[str, Any]:
+    """What pacing did, summed over executors (their counters are cumulative)."""
+    latest = latest_executor_values(samples)
+    labels = sorted({str(v.get("pace")) for v in latest.values() if v.get("pace")})
+    totals = {k: sum(float(v.get(k) or 0.0) for v in latest.values()) for k in PACE_KEYS}
+    passes = totals["paced_passes"]
+    return {"pace": labels[0] if len(labels) == 1 else labels or None, **totals,
+            "paced_behind_fraction": totals["paced_passes_behind"] / passes if passes else None}
+
+
+def host_busy_fraction(before: Any, after: Any) -> float | None:
+    """The host's CPU busy share between two ``psutil.cpu_times()`` readings (all cores)."""
+    idle = (after.idle - before.idle) + (getattr(after, "iowait", 0.0)
+                                         - getattr(before, "iowait", 0.0))
+    total = sum(after) - sum(before)
+    return None if total <= 0 else max(0.0, min(1.0, 1.0 - idle / total))
+
+
+async def _until(check: Any, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(interval)
+    return bool(check())
+
+
+# --- the scenario ---------------------------------------------------------------------------
+
+
+async def prepare_scenario(cluster: ClusterRun, cfg: BenchConfig, keep_alive_s: float,
+                           watcher: Any, events: EventLog) -> dict[str, Any]:
+    """Bring a fresh cluster into the scenario's state: the warm instance loaded (from the
+    store), or two instances loaded and scaled in again with host copies kept (a real
+    scale-in), or nothing; then the local-disk copies the scenario names."""
+    scen = cfg.scenario
+    began = time.monotonic()
+    name = cluster.model.name
+    executors = [p.name for p in cluster.procs if p.name.startswith("exec-")]
+
+    def complete() -> int:
+        return sum(1 for e in events.complete if e in assigned_executors(watcher.samples, name))
+
+    if scen.kind is ScenarioKind.WARM:
+        await _deploy(cluster, cfg, 30.0, min_instances=scen.running, keep_alive_s=keep_alive_s)
+        if not await _until(lambda: complete() >= scen.running, 60.0):
+            raise Unavailable(f"warm scenario: {scen.running} instance(s) not ready in 60 s")
+    elif scen.kind is ScenarioKind.HOST:
+        await _deploy(cluster, cfg, 30.0, min_instances=scen.host_copies, keep_alive_s=0.5)
+        if not await _until(lambda: complete() >= scen.host_copies, 60.0):
+            raise Unavailable("host scenario: the instances to scale in were not ready in 60 s")
+        await _set_deployment(cluster, cfg, min_instances=0, keep_alive_s=0.5)
+        if not await _until(lambda: not assigned_executors(watcher.samples, name) and len(
+                host_copy_holders(watcher.samples, name)) >= scen.host_copies, 60.0):
+            raise Unavailable("host scenario: scale-in to zero with host copies kept did not "
+                              f"happen in 60 s (host copies on "
+                              f"{host_copy_holders(watcher.samples, name)})")
+        await _set_deployment(cluster, cfg, min_instances=0, keep_alive_s=keep_alive_s)
+    else:
+        await _deploy(cluster, cfg, 30.0, min_instances=0, keep_alive_s=keep_alive_s)
+    loaded = sorted(events.complete)
+    disk = scen.disk_nodes(loaded, executors) if cfg.scaled else ()
+    for executor in disk:
+        cluster.put_on_disk(executor)
+    if disk and not await _until(
+            lambda: set(disk) <= set(disk_copy_holders(watcher.samples, name)), 10.0):
+        raise Unavailable(f"executors {sorted(disk)} never listed their local-disk copy")
+    return {**scen.describe(disk), "loaded_before": loaded,
+            "host_copy_nodes": host_copy_holders(watcher.samples, name),
+            "running": assigned_executors(watcher.samples, name),
+            "setup_s": time.monotonic() - began}
+
+
+# --- one episode ----------------------------------------------------------------------------
 
 
 @dataclass
-class ModeResult:
+class Episode:
     mode: Mode
+    keep_alive_s: float
     figures: dict[str, Any]
-    summary: dict[str, Any]
     records: list[RequestRecord]
     router: list[Any]
     started_wall: float
     loads: list[dict[str, Any]]
     startup_s: float
+    setup: dict[str, Any]
     outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def valid(self) -> bool:
+        return bool(self.figures.get("valid"))
 
 
 def mode_figures(records: Sequence[RequestRecord], slo: Slo, gpu_seconds: float | None
                  ) -> dict[str, Any]:
-    """The headline figures of one mode, from its request records. Pure."""
+    """The headline figures of one episode, from its request records. Pure."""
     ok = [r for r in records if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     e2e = [r.e2e_s for r in ok if r.e2e_s is not None]
@@ -620,7 +868,121 @@ def mode_figures(records: Sequence[RequestRecord], slo: Slo, gpu_seconds: float 
     }
 
 
-RATIO_KEYS = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s", "gpu_seconds")
+def validity(busy: float | None, limit: float, behind_fraction: float | None,
+             failed: int) -> tuple[bool, list[str]]:
+    """Whether an episode measured the design rather than this host. Pure."""
+    reasons = []
+    if busy is not None and busy > limit:
+        reasons.append(f"host CPU {busy:.0%} busy over the replay (limit {limit:.0%})")
+    if behind_fraction is not None and behind_fraction > 0.05:
+        reasons.append(f"{behind_fraction:.0%} of paced steps took longer than the target's "
+                       "time (the CPU, not the GPU model, set the pace)")
+    if failed:
+        reasons.append(f"{failed} request(s) failed")
+    return not reasons, reasons
+
+
+async def run_episode(cfg: BenchConfig, mode: Mode, keep_alive_s: float, testbed: Testbed | None,
+                      tag: str, model: PreparedModel, arrivals: list[Arrival], prompts: Any,
+                      emu: Any, log: Any) -> Episode:
+    import psutil
+
+    from loadgen.cost import NatsMetricsWatcher
+    from loadgen.replay import replay, write_outputs
+    from shared import subjects
+    from shared.bus import Bus
+
+    state = cfg.out / "state" / tag
+    if state.exists():
+        shutil.rmtree(state)
+    cluster = ClusterRun(cfg, mode, model, state, emu=emu, testbed=testbed,
+                         keep_alive_s=keep_alive_s)
+    began = time.monotonic()
+    watcher: Any = None
+    bus: Any = None
+    try:
+        cluster.start()
+        await _wait_ready(cluster, _READY_TIMEOUT_S)
+        ready_s = time.monotonic() - began
+        watcher = NatsMetricsWatcher(cluster.nats.url)
+        await watcher.start()
+        setup_events = EventLog(model.name)
+        events = EventLog(model.name)
+        replaying = False
+        bus = await Bus.connect(cluster.nats.url, "bench-e2e-events")
+
+        async def on_event(body: Any, msg: Any) -> None:
+            (events if replaying else setup_events).on_message(msg.subject, body, time.time())
+
+        await bus.subscribe(subjects.EVENTS_ALL, on_event)
+        setup = await prepare_scenario(cluster, cfg, keep_alive_s, watcher, setup_events)
+        idle_cores = await _wait_idle(cluster, 30.0)
+        startup_s = time.monotonic() - began
+        log(f"{tag}: services up in {ready_s:.1f} s, scenario {cfg.scenario.kind.value} ready "
+            f"in {setup['setup_s']:.1f} s (running {setup['running']}, host copies "
+            f"{setup['host_copy_nodes']}, disk {setup['disk_nodes']}), idle ({idle_cores:.2f} "
+            f"cores); replaying {len(arrivals)} requests")
+        await _after_next_load_report(bus, 5.0)
+        replaying = True  # events from here on are the episode's (the warm instance's
+        # own load was set-up, not a load of the burst)
+        cpu_before, host_before = cluster.cpu_seconds(), psutil.cpu_times()
+        result = await replay(
+            arrivals, cluster.http_url, model.name, prompts=prompts,
+            request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
+            extra_body=dict(DEFAULT_EXTRA_BODY), gpu_seconds=watcher.gpu_seconds,
+            cluster=watcher, seed=cfg.seed)
+        replay_end = time.time()
+        cpu_after, host_after = cluster.cpu_seconds(), psutil.cpu_times()
+        floor = cfg.scenario.floor
+        at_floor = await _until(
+            lambda: len(assigned_executors(watcher.samples, model.name)) <= floor,
+            keep_alive_s + cfg.episode_timeout_s, interval=0.25)
+        episode_end = time.time()
+        cluster.check_alive()
+        pace = pace_figures(watcher.samples)
+    finally:
+        if bus is not None:
+            await bus.close()
+        if watcher is not None:
+            await watcher.stop()
+        cluster.stop()
+    replay_wall = max(1e-9, replay_end - result.started_wall)
+    cpu = {name: {"cpu_s": round(cpu_after[name] - before, 2),
+                  "cores": round((cpu_after[name] - before) / replay_wall, 3)}
+           for name, before in cpu_before.items() if name in cpu_after}
+    busy = host_busy_fraction(host_before, host_after)
+    gpu_seconds = watcher.gpu_seconds(result.started_wall, episode_end)
+    figures = mode_figures(result.records, cfg.slo, gpu_seconds)
+    ok, reasons = validity(busy, cfg.cpu_busy_limit, pace["paced_behind_fraction"],
+                           figures["failed"])
+    if not at_floor:
+        reasons.append(f"not back at the floor ({floor}) {cfg.episode_timeout_s:g} s after "
+                       "the keep-alive: GPU-seconds cut short")
+        ok = False
+    figures.update({
+        "keep_alive_s": keep_alive_s, "episode_s": episode_end - result.started_wall,
+        "replay_s": replay_wall, "back_at_floor": at_floor, "host_cpu_busy": busy,
+        "valid": ok, "invalid_because": reasons, "pacing": pace})
+    loads = events.loads(result.started_wall)
+    router = watcher.router_points(model.name)
+    summary = result.summary()
+    summary["bench_e2e"] = {"mode": mode.name, "strategy": mode.strategy,
+                            "pipelines": mode.pipelines, "figures": figures, "loads": loads,
+                            "setup": setup,
+                            "multicasts": [{**m, "at": m["at"] - result.started_wall}
+                                           for m in events.multicasts],
+                            "pipelines_up_events": events.pipelines_up,
+                            "events": [[round(t - result.started_wall, 3), kind, reason]
+                                       for t, kind, reason in events.log],
+                            "releases": events.releases, "cpu_during_replay": cpu}
+    outputs = write_outputs(result, cfg.out / tag, summary=summary, plots=False)
+    return Episode(mode, keep_alive_s, figures, result.records, router, result.started_wall,
+                   loads, startup_s, setup, outputs)
+
+
+# --- figures across episodes (pure) ---------------------------------------------------------
+
+RATIO_KEYS = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s", "gpu_seconds", "cost_at_equal_slo")
 
 
 def ratios(figures: Mapping[str, Mapping[str, Any]], baseline: str = BASELINE
@@ -639,107 +1001,92 @@ def ratios(figures: Mapping[str, Mapping[str, Any]], baseline: str = BASELINE
     return out
 
 
-def check_targets(figures: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's targets against the measured figures (None: not measurable here). Pure."""
-    r = ratios(figures)
-    lam, mco = r.get("lambdascale", {}), r.get("multicast_only", {})
+def check_targets(kind: ScenarioKind, figures: Mapping[str, Mapping[str, Any]]
+                  ) -> dict[str, dict[str, Any]]:
+    """The issue's targets for the scenario against the figures (met None: not measured)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, bound in TARGETS[kind].items():
+        pair, key = name.split(" ")
+        num, den = pair.split("/")
+        a = figures.get(num, {}).get(key)
+        b = figures.get(den, {}).get(key)
+        value = a / b if isinstance(a, int | float) and isinstance(b, int | float) and b \
+            else None
+        row: dict[str, Any] = {"bound": bound, "value": value,
+                               "met": None if value is None else value <= bound}
+        if value is None and key == "cost_at_equal_slo" and num in figures and den in figures:
+            # say which side never reached the attainment at any swept keep-alive
+            row["never_reached_slo"] = [m for m, v in ((num, a), (den, b)) if v is None]
+        out[name] = row
+    return out
 
-    def le(value: float | None, bound: float) -> bool | None:
-        return None if value is None else value <= bound
 
-    between = None
-    if mco.get("ttft_p99_s") is not None and lam.get("ttft_p99_s") is not None:
-        # multicast_only sits between λScale and the baseline (1.0) on p99 TTFT
-        lo, hi = sorted((lam["ttft_p99_s"] or 0.0, 1.0))
-        between = lo <= (mco["ttft_p99_s"] or 0.0) <= hi
-    return {
-        "lambdascale_ttft_p99_ratio_le_1/3": le(lam.get("ttft_p99_s"), TARGET_TTFT_P99_RATIO),
-        "lambdascale_gpu_seconds_ratio_le_0.8": le(lam.get("gpu_seconds"),
-                                                   TARGET_GPU_SECONDS_RATIO),
-        "multicast_only_ttft_p99_between": between,
-    }
+def mode_rows(episodes: Sequence[Episode], cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Per mode: the main episode's figures, its sweep points and cost at equal SLO."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in cfg.modes:
+        mine = [e for e in episodes if e.mode.name == name]
+        main = next((e for e in mine if e.keep_alive_s == cfg.keep_alive_s), None)
+        if main is None:
+            continue
+        points = [SweepPoint(e.keep_alive_s, e.figures["gpu_seconds"],
+                             e.figures["slo_attainment"]) for e in mine if e.valid]
+        equal = cost_at_equal_slo(points, cfg.slo_target)
+        rows[name] = {
+            "what": main.mode.what, "strategy": main.mode.strategy,
+            "pipelines": main.mode.pipelines, **main.figures,
+            "cost_at_equal_slo": equal.gpu_seconds,
+            "cost_at_equal_slo_keep_alive_s": equal.keep_alive_s,
+            "sweep": [{"keep_alive_s": e.keep_alive_s, "gpu_seconds": e.figures["gpu_seconds"],
+                       "slo_attainment": e.figures["slo_attainment"],
+                       "ttft_p99_s": e.figures["ttft_p99_s"], "valid": e.valid}
+                      for e in sorted(mine, key=lambda e: e.keep_alive_s)],
+            "startup_s": main.startup_s, "setup": main.setup,
+            "instances_loaded": len(main.loads),
+            "load_s": [x["load_s"] for x in main.loads],
+            "first_ready_s": min((x["complete_s"] for x in main.loads
+                                  if x["complete_s"] is not None), default=None),
+            "summary": main.outputs.get("summary")}
+    return rows
 
 
-async def run_mode(cfg: BenchConfig, mode: Mode, model: PreparedModel, arrivals: list[Arrival],
-                   prompts: Any, emu: Any, log: Any) -> ModeResult:
-    from loadgen.cost import NatsMetricsWatcher
-    from loadgen.replay import replay, write_outputs
-    from shared import subjects
-    from shared.bus import Bus
-
-    state = cfg.out / "state" / mode.name
-    if state.exists():
-        import shutil
-
-        shutil.rmtree(state)
-    cluster = ClusterRun(cfg, mode, model, state, emu=emu)
-    began = time.monotonic()
-    try:
-        cluster.start()
-        await _wait_ready(cluster, _READY_TIMEOUT_S)
-        ready_s = time.monotonic() - began
-        await _deploy(cluster, cfg, 30.0)
-        deployed_s = time.monotonic() - began
-        idle_cores = await _wait_idle(cluster, 30.0)
-        startup_s = time.monotonic() - began
-        log(f"{mode.name}: services up in {ready_s:.1f} s, model servable at {deployed_s:.1f} s, "
-            f"idle ({idle_cores:.2f} cores) at {startup_s:.1f} s; "
-            f"replaying {len(arrivals)} requests")
-        watcher = NatsMetricsWatcher(cluster.nats.url)
-        await watcher.start()
-        events = EventLog(model.name)
-        bus = await Bus.connect(cluster.nats.url, "bench-e2e-events")
-
-        async def on_event(body: Any, msg: Any) -> None:
-            events.on_message(msg.subject, body, time.time())
-
-        await bus.subscribe(subjects.EVENTS_ALL, on_event)
-        await _after_next_load_report(bus, 5.0)
-        cpu_before = cluster.cpu_seconds()
-        try:
-            result = await replay(
-                arrivals, cluster.http_url, model.name, prompts=prompts,
-                request_timeout_s=cfg.request_timeout_s, slo=cfg.slo,
-                extra_body=dict(DEFAULT_EXTRA_BODY), gpu_seconds=watcher.gpu_seconds,
-                cluster=watcher, seed=cfg.seed)
-        finally:
-            await bus.close()
-            await watcher.stop()
-        cpu_after = cluster.cpu_seconds()
-        cluster.check_alive()
-    finally:
-        cluster.stop()
-    cpu = {name: round(cpu_after[name] - before, 2) for name, before in cpu_before.items()
-           if name in cpu_after}
-    summary = result.summary()
-    figures = mode_figures(result.records, cfg.slo, result.gpu_seconds)
-    loads = events.loads(result.started_wall)
-    summary["bench_e2e"] = {"mode": mode.name, "strategy": mode.strategy,
-                            "pipelines": mode.pipelines, "figures": figures, "loads": loads,
-                            "multicasts": [{**m, "at": m["at"] - result.started_wall}
-                                           for m in events.multicasts],
-                            "pipelines_up_events": events.pipelines_up,
-                            "events": [[round(t - result.started_wall, 3), kind, reason]
-                                       for t, kind, reason in events.log],
-                            "releases": events.releases,
-                            "cpu_s_during_replay": cpu}
-    outputs = write_outputs(result, cfg.out / mode.name, summary=summary, plots=False)
-    return ModeResult(mode, figures, summary, result.records, result.router,
-                      result.started_wall, loads, startup_s, outputs)
+def repeat_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per link/disk ratio and target: every repeat's value, their mean and spread. Pure."""
+    out: dict[str, Any] = {}
+    for key in sorted({str(r["link_disk_ratio"]) for r in runs}):
+        group = [r for r in runs if str(r["link_disk_ratio"]) == key]
+        per_target: dict[str, Any] = {}
+        for name in group[0]["targets"]:
+            values = [r["targets"][name]["value"] for r in group]
+            finite = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+            sp = spread(finite)
+            mean = sum(finite) / len(finite) if finite else None
+            per_target[name] = {
+                "values": values, "mean": mean, "spread": sp,
+                "agree_within_15pct": None if sp is None else sp <= REPEAT_AGREEMENT,
+                "bound": group[0]["targets"][name]["bound"],
+                "met_by_mean": None if mean is None
+                else mean <= group[0]["targets"][name]["bound"],
+                "met_every_repeat": all(r["targets"][name]["met"] is True for r in group)}
+        out[key] = {"repeats": len(group), "valid": all(r["valid"] for r in group),
+                    "targets": per_target}
+    return out
 
 
 # --- plots ----------------------------------------------------------------------------------
 
-_COLORS = {"lambdascale": "tab:green", "multicast_only": "tab:blue", "serverlessllm": "tab:red"}
+_COLORS = {"lambdascale": "tab:green", "multicast_only": "tab:blue", "serverlessllm": "tab:red",
+           "store_pull": "tab:gray"}
 
 
-def plot_mode_cdfs(results: Sequence[ModeResult], path: Path, slo_ttft_s: float | None) -> Path:
+def plot_mode_cdfs(results: Sequence[Episode], path: Path, slo_ttft_s: float | None,
+                   title: str = "") -> Path:
     from loadgen.plots import _pyplot
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, attr, title in ((axes[0], "ttft_s", "Time to first token"),
-                            (axes[1], "e2e_s", "End-to-end latency")):
+    for ax, attr, name in ((axes[0], "ttft_s", "Time to first token"),
+                           (axes[1], "e2e_s", "End-to-end latency")):
         for res in results:
             values = sorted(v for r in res.records if r.ok and (v := getattr(r, attr)) is not None)
             if values:
@@ -748,54 +1095,57 @@ def plot_mode_cdfs(results: Sequence[ModeResult], path: Path, slo_ttft_s: float 
                         color=_COLORS.get(res.mode.name), label=res.mode.name)
         if attr == "ttft_s" and slo_ttft_s is not None:
             ax.axvline(slo_ttft_s, color="gray", linestyle="--", linewidth=1, label="SLO")
-        ax.set_title(title)
+        ax.set_title(name)
         ax.set_xlabel("seconds")
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.02)
         ax.set_xlim(left=0)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_mode_timelines(results: Sequence[ModeResult], path: Path) -> Path:
+def plot_mode_timelines(results: Sequence[Episode], path: Path, title: str = "") -> Path:
     from loadgen.plots import _pyplot
     from loadgen.stats import per_second
 
     plt = _pyplot()
-    fig, (inst_ax, queue_ax, done_ax) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
+    fig, (inst_ax, pipe_ax, queue_ax, done_ax) = plt.subplots(4, 1, figsize=(11, 10),
+                                                              sharex=True)
     end = 1.0
     for res in results:
         color = _COLORS.get(res.mode.name)
         points = [(p.time - res.started_wall, p) for p in res.router]
-        inst = [(t, p.instances) for t, p in points if p.instances is not None]
-        queue = [(t, p.queue_depth) for t, p in points if p.queue_depth is not None]
-        if inst:
-            inst_ax.step([t for t, _ in inst], [v for _, v in inst], where="post", color=color,
-                         label=f"{res.mode.name}: local instances")
-        ready = sorted(x["complete_s"] for x in res.loads if x["complete_s"] is not None)
-        for t in ready:
+        for ax, attr in ((inst_ax, "instances"), (pipe_ax, "pipelines"),
+                         (queue_ax, "queue_depth")):
+            series = [(t, v) for t, p in points if (v := getattr(p, attr, None)) is not None]
+            if series:
+                ax.step([t for t, _ in series], [v for _, v in series], where="post",
+                        color=color, label=res.mode.name)
+        for t in sorted(x["complete_s"] for x in res.loads if x["complete_s"] is not None):
             inst_ax.axvline(t, color=color, alpha=0.15, linewidth=1)
-        if queue:
-            queue_ax.step([t for t, _ in queue], [v for _, v in queue], where="post",
-                          color=color, label=res.mode.name)
         done = [d for r in res.records if r.ok and (d := r.done_s) is not None]
-        mode_end = max([*done, 1.0])
+        mode_end = max([*done, *(t for t, _ in points), 1.0])
         end = max(end, mode_end)
         done_ax.step([float(i) for i in range(len(per_second(done, mode_end)))],
                      per_second(done, mode_end), where="post", color=color, label=res.mode.name)
     inst_ax.set_ylabel("local instances")
+    pipe_ax.set_ylabel("pipelines")
     queue_ax.set_ylabel("router queue")
     done_ax.set_ylabel("completed / s")
     done_ax.set_xlabel("seconds since the start of the replay (thin lines: an instance "
                        "finished loading)")
-    for ax in (inst_ax, queue_ax, done_ax):
+    for ax in (inst_ax, pipe_ax, queue_ax, done_ax):
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     done_ax.set_xlim(0, end)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -803,6 +1153,67 @@ def plot_mode_timelines(results: Sequence[ModeResult], path: Path) -> Path:
 
 
 # --- the command ----------------------------------------------------------------------------
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}".replace(".", "p")
+
+
+async def run_once(args: argparse.Namespace, cfg: BenchConfig, repeat: int,
+                   ratio: float | None, model: PreparedModel, arrivals: list[Arrival],
+                   prompts: Any, log: Any) -> dict[str, Any]:
+    """Every mode (and sweep point) of the scenario, once, at one link/disk ratio."""
+    testbed = Testbed(profile_named(cfg.profile), model.total_bytes, ratio) if cfg.scaled \
+        else None
+    run_tag = f"r{repeat}" + (f"-ratio{_fmt(ratio)}" if ratio is not None else "")
+    emu: Any = None
+    episodes: list[Episode] = []
+    plan = [(name, cfg.keep_alive_s) for name in cfg.modes] + [
+        (name, k) for k in cfg.sweep for name in cfg.sweep_modes]
+    try:
+        if cfg.network == "emu":
+            from shared.emu import EmuCluster
+
+            if testbed is not None:
+                emu = EmuCluster(cfg.executors + 1, link_mbit=testbed.link_mbit,
+                                 node_link_mbit=(testbed.store_link_mbit,))
+            else:
+                emu = EmuCluster(cfg.executors + 1, link_mbit=cfg.link_mbit)
+            await emu.__aenter__()
+        for name, keep_alive in plan:
+            tag = f"{run_tag}/{name}-ka{_fmt(keep_alive)}"
+            episode = await run_episode(cfg, MODES[name], keep_alive, testbed, tag, model,
+                                        arrivals, prompts, emu, log)
+            episodes.append(episode)
+            f = episode.figures
+            log(f"{tag}: ttft p50 {f['ttft_p50_s']} p99 {f['ttft_p99_s']} slo "
+                f"{f['slo_attainment']} gpu-s {f['gpu_seconds']} cpu busy {f['host_cpu_busy']} "
+                f"valid {f['valid']} {f['invalid_because'] or ''}")
+    finally:
+        if emu is not None:
+            await emu.__aexit__(None, None, None)
+    rows = mode_rows(episodes, cfg)
+    main = [e for e in episodes if e.keep_alive_s == cfg.keep_alive_s]
+    outputs: dict[str, str] = {}
+    if not args.no_plots and main:
+        label = (f"scenario {cfg.scenario.kind.value}, "
+                 + (f"EMULATED testbed {testbed.profile.name} (factor {testbed.factor:.3g}), "
+                    "paced executors" if testbed else f"unscaled {cfg.link_mbit} Mbit/s links")
+                 + (f", link/disk {ratio:g}" if ratio is not None else "")
+                 + f", keep-alive {cfg.keep_alive_s:g} s, repeat {repeat}")
+        run_dir = cfg.out / run_tag
+        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs["cdf_modes"] = str(plot_mode_cdfs(main, run_dir / "cdf_modes.png",
+                                                  cfg.slo.ttft_s, label))
+        outputs["timeline_modes"] = str(plot_mode_timelines(main, run_dir / "timeline_modes.png",
+                                                            label))
+    return {"repeat": repeat, "link_disk_ratio": ratio,
+            "testbed": testbed.describe() if testbed else None,
+            "modes": rows,
+            "ratios_vs_serverlessllm": ratios(rows) if BASELINE in rows else None,
+            "targets": check_targets(cfg.scenario.kind, rows),
+            "valid": all(e.valid for e in episodes),
+            "episodes": len(episodes), "outputs": outputs}
 
 
 async def _run(args: argparse.Namespace, cfg: BenchConfig, log: Any) -> dict[str, Any]:
@@ -813,63 +1224,46 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, log: Any) -> dict[str
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = await asyncio.to_thread(prepare_model, cfg.shape, cfg.out)
     prompts = TokenizerPrompts(load_tokenizer(model.hf_dir), str(model.hf_dir))
-    link_bytes_s = cfg.link_mbit * 1e6 / 8 if cfg.link_mbit else None
-    emu: Any = None
-    results: list[ModeResult] = []
-    try:
-        if cfg.network == "emu":
-            from shared.emu import EmuCluster
-
-            emu = EmuCluster(cfg.executors + 1, link_mbit=cfg.link_mbit)
-            await emu.__aenter__()
-        for name in cfg.modes:
-            results.append(await run_mode(cfg, MODES[name], model, arrivals, prompts, emu, log))
-            log(f"{name}: {json.dumps(results[-1].figures)}")
-    finally:
-        if emu is not None:
-            await emu.__aexit__(None, None, None)
-    figures = {r.mode.name: r.figures for r in results}
-    outputs: dict[str, str] = {}
-    if not args.no_plots and results:
-        outputs["cdf_modes"] = str(plot_mode_cdfs(results, cfg.out / "cdf_modes.png",
-                                                  cfg.slo.ttft_s))
-        outputs["timeline_modes"] = str(plot_mode_timelines(results, cfg.out / "timeline_modes.png"))
-    for r in results:
-        outputs[f"{r.mode.name}_csv"] = r.outputs["requests"]
+    runs = []
+    for repeat in range(cfg.repeats):
+        for ratio in cfg.link_disk_ratios:
+            runs.append(await run_once(args, cfg, repeat, ratio, model, arrivals, prompts, log))
+    first = runs[0]
     doc: dict[str, Any] = {
         "benchmark": "bench-e2e",
+        "emulated": cfg.scaled,
         "command": "python -m loadgen bench-e2e " + " ".join(sys.argv[2:] if len(sys.argv) > 2
                                                               else []),
-        "network": {"kind": cfg.network, "link_mbit": cfg.link_mbit,
+        "scenario": cfg.scenario.describe(first["modes"].get(cfg.modes[0], {}).get(
+            "setup", {}).get("disk_nodes", [])),
+        "testbed": first["testbed"] or {"emulated": False, "what": "unscaled: links at "
+                                        f"{cfg.link_mbit} Mbit/s, executors not paced"},
+        "network": {"kind": cfg.network,
                     "note": "executors and the store in network namespaces, links shaped "
                             "with tc tbf both ways" if cfg.network == "emu" else
                             "loopback, unshaped: loads are CPU-bound and fast"},
         "model": {"name": model.name, "bytes": model.total_bytes, "layers": model.num_layers,
-                  "blocks": model.num_blocks, "parts": cfg.parts, "shape": cfg.shape.__dict__,
-                  "load_s_at_link_rate": model.total_bytes / link_bytes_s if link_bytes_s
-                  else None},
+                  "blocks": model.num_blocks, "parts": cfg.parts, "shape": cfg.shape.__dict__},
         "cluster": {"executors": cfg.executors, "deployment": {
-            "min_instances": 0, "max_instances": cfg.executors,
-            "target_concurrency": cfg.target_concurrency, "keep_alive_s": cfg.keep_alive_s}},
+            "min_instances": cfg.scenario.floor, "max_instances": cfg.executors,
+            "target_concurrency": cfg.target_concurrency, "keep_alive_s": cfg.keep_alive_s},
+            "keep_alive_sweep": [cfg.keep_alive_s, *cfg.sweep],
+            "sweep_modes": list(cfg.sweep_modes)},
         "workload": workload,
-        "slo": {"ttft_s": cfg.slo.ttft_s},
-        "modes": {r.mode.name: {"what": r.mode.what, "strategy": r.mode.strategy,
-                                "pipelines": r.mode.pipelines, **r.figures,
-                                "startup_s": r.startup_s,
-                                "instances_loaded": len(r.loads),
-                                "load_s": [x["load_s"] for x in r.loads],
-                                "first_ready_s": min((x["complete_s"] for x in r.loads
-                                                      if x["complete_s"] is not None),
-                                                     default=None),
-                                "summary": r.outputs.get("summary")} for r in results},
+        "slo": {"ttft_s": cfg.slo.ttft_s, "attainment_target": cfg.slo_target},
         "baseline": BASELINE,
-        "ratios_vs_serverlessllm": ratios(figures) if BASELINE in figures else None,
-        "targets": check_targets(figures) if BASELINE in figures else None,
-        "outputs": outputs,
+        # the first run's figures at the top, every run (repeats x ratios) under "runs"
+        "modes": first["modes"],
+        "ratios_vs_serverlessllm": first["ratios_vs_serverlessllm"],
+        "targets": first["targets"],
+        "valid": all(r["valid"] for r in runs),
+        "runs": runs,
+        "repeats": repeat_summary(runs),
+        "outputs": first["outputs"],
         "wall_s": time.monotonic() - started,
     }
     (cfg.out / "bench_e2e.json").write_text(json.dumps(doc, indent=2) + "\n")
-    doc["outputs"]["json"] = str(cfg.out / "bench_e2e.json")
+    doc["outputs"] = {**doc["outputs"], "json": str(cfg.out / "bench_e2e.json")}
     return doc
 
 
@@ -894,13 +1288,11 @@ def run(args: argparse.Namespace) -> int:
     except LScaleError as exc:
         print(json.dumps({"error": str(exc)}))
         return 2
-    text = json.dumps(doc, indent=2)
-    if args.json:
-        print(text)
-    else:
-        print(text)
+    print(json.dumps(doc, indent=2))
+    if not args.json:
         for name, f in doc["modes"].items():
             log(f"{name:15s} ttft p50 {f['ttft_p50_s']} p99 {f['ttft_p99_s']} e2e p99 "
-                f"{f['e2e_p99_s']} slo {f['slo_attainment']} gpu-s {f['gpu_seconds']}")
-    complete = all(f["completed"] > 0 for f in doc["modes"].values())
+                f"{f['e2e_p99_s']} slo {f['slo_attainment']} gpu-s {f['gpu_seconds']} "
+                f"cost@slo {f['cost_at_equal_slo']} valid {f['valid']}")
+    complete = all(f["completed"] > 0 for r in doc["runs"] for f in r["modes"].values())
     return 0 if complete else 1

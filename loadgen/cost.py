@@ -46,6 +46,7 @@ class RouterPoint:
     time: float  # local wall-clock
     queue_depth: float | None
     instances: float | None
+    pipelines: float | None = None  # execution pipelines over partial copies (router's own)
 
 
 class ClusterSeries(Protocol):
@@ -117,7 +118,8 @@ def router_points(samples: Sequence[MetricSample], model: str) -> list[RouterPoi
             # the router's own shape (shared.metrics_schema): values["models"][model][key]
             entry = nested[model]
             point = RouterPoint(s.received, _number(entry.get("queue_depth")),
-                                _number(entry.get("instances")))
+                                _number(entry.get("instances")),
+                                _number(entry.get("pipelines")))
             if point.queue_depth is not None or point.instances is not None:
                 out.append(point)
             continue
