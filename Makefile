@@ -11,7 +11,7 @@ EXECUTORS ?= 2
 HTTP_PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test test-clients lint typecheck bench clean venv image compose-smoke compose-two-hosts chaos
+.PHONY: run test test-clients lint typecheck bench clean venv image compose-smoke compose-two-hosts chaos bench-burst bench-burst-sweep
 
 venv: $(STAMP)
 
@@ -58,6 +58,32 @@ test-clients: $(STAMP)
 CHAOS_TABLE ?= chaos-table.md
 chaos: $(STAMP)
 	LSCALE_CHAOS_TABLE=$(CHAOS_TABLE) $(VENV)/bin/pytest -m chaos -p no:cacheprovider tests/chaos
+
+# The burst headline (issue 15, docs/BENCH_BURST.md): every scenario x BURST_REPEATS on the scaled
+# testbed (EMULATED: the h100-llama-2-13b profile's rates and pacing), 8 executors, the conversation
+# trace's busiest 20 s; JSON per scenario and plots per run under BURST_OUT. Needs root (network
+# namespaces). About 8-10 min per scenario run on a quiet 2-core machine (x repeats): run it with
+# the machine to itself, or the CPU check marks the runs invalid.
+BURST_OUT ?= results/bench-burst
+BURST_REPEATS ?= 3
+BURST_SCENARIOS ?= warm host cold
+BURST_ARGS ?=
+bench-burst: $(STAMP)
+	@mkdir -p $(BURST_OUT)
+	@for s in $(BURST_SCENARIOS); do \
+	  echo "bench-burst: scenario $$s x $(BURST_REPEATS)" >&2; \
+	  $(PY) -m loadgen bench-e2e --scenario $$s --repeats $(BURST_REPEATS) --json \
+	    --out $(BURST_OUT)/$$s $(BURST_ARGS) > $(BURST_OUT)/$$s.json || exit 1; \
+	done
+
+# Where execute-while-load wins and loses: the warm scenario with the network link at several
+# multiples of the local disk's rate (no keep-alive sweep: one episode per mode and ratio).
+BURST_RATIOS ?= 0.5,1,2,4
+bench-burst-sweep: $(STAMP)
+	@mkdir -p $(BURST_OUT)
+	$(PY) -m loadgen bench-e2e --scenario warm --link-disk-ratios $(BURST_RATIOS) \
+	  --keep-alive-sweep "" --json --out $(BURST_OUT)/ratio-sweep $(BURST_ARGS) \
+	  > $(BURST_OUT)/ratio-sweep.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
