@@ -27,32 +27,24 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class SimMode:
-    """A scaling design: the scaler's strategy and the router's execute-while-load.
+    """A scaling design: the scaler's placement strategy and the router's execute-while-load.
 
-    ``strategy`` is the mode's name for it in :data:`loadgen.scenarios.MODES` (bench-e2e's);
-    ``plan_strategy`` is what the scaler's reconcile and the planner run here. They differ for
-    ``serverlessllm`` (``local_tiers``): placement does not implement that strategy yet, so the
-    sim runs ``pull_from_store`` placement and gives each receiver whose node caches the
-    checkpoint (and whose disk is faster than the store's link) its own disk read
-    (``local_disk``); host copies load locally in every mode, as placement plans them.
+    ``strategy`` is what the scaler's core runs (:data:`loadgen.scenarios.MODES`' own, as
+    bench-e2e configures the scaler): ``serverlessllm`` is placement's ``local_tiers``, each
+    new instance loading from its own host copy, else its node's disk copy, else the store.
     """
 
     name: str
     strategy: str
-    plan_strategy: str
     pipelines: bool
-    local_disk: bool
     what: str
     host_copies: bool = True
 
 
 def _modes() -> dict[str, SimMode]:
-    out: dict[str, SimMode] = {}
-    for m in scenarios.MODES.values():
-        plan = m.strategy if m.strategy != scenarios.LOCAL_TIERS else scenarios.PULL_FROM_STORE
-        out[m.name] = SimMode(m.name, m.strategy, plan, m.pipelines,
-                              m.strategy == scenarios.LOCAL_TIERS, m.what)
-    out["faasnet"] = SimMode("faasnet", "binary_tree", "binary_tree", False, False,
+    out = {m.name: SimMode(m.name, m.strategy, m.pipelines, m.what)
+           for m in scenarios.MODES.values()}
+    out["faasnet"] = SimMode("faasnet", "binary_tree", False,
                              "FaaSNet-style binary tree from every holder, local instances only")
     return out
 

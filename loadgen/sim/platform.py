@@ -14,12 +14,15 @@
   everything it feeds). A receiver that leaves is re-planned around with
   :func:`~services.transfer.planner.replan`. Host-memory copies load at PCIe rate, local-disk
   copies at the node's disk rate (shared by the node's executors).
-* **Scaler** — every report interval: the router's :class:`~shared.messages.LoadReport` merged
-  by :func:`~services.scaler.policy.snapshot_from_reports`, :func:`~services.scaler.policy.decide`
-  per deployment, :func:`~services.scaler.reconcile.settle_pending` and
-  :func:`~services.scaler.reconcile.reconcile` (which calls placement), and its actions
-  carried out: assignments, multicasts, demotions to host memory (LRU), releases. A request
-  queued for a model without instances wakes the scaler at once, as the service does.
+* **Scaler** — every report interval, the tick the service runs: the router's
+  :class:`~shared.messages.LoadReport`, the executors' observations, the instance table and
+  the store's manifests go to :func:`services.scaler.core.plan_tick` (the policy's desired
+  counts, pending settlement, report screening, reconcile and its placement, the cooldown,
+  backoff and blocking screens), and its actions are carried out: assignments (loads from a
+  multicast, a host copy or the node's disk), multicasts, demotions to host memory (LRU),
+  releases. A request queued for a model without instances wakes the scaler at once, as the
+  service does. The shell's housekeeping is not run: the sim writes a row ``ready`` when its
+  load completes (the service's next tick would), and no executor dies or goes silent.
 
 What is not modelled: the control plane's message costs beyond a fixed latency, contention
 between a multicast and compute on one GPU, and between two engines on one executor (a
@@ -37,22 +40,19 @@ from loadgen.sim.config import SimConfig, SimModel
 from loadgen.sim.engine import SimEngine, StageSpec
 from loadgen.sim.events import EventLoop
 from services.router.routing import Assignment, RouteChange, RouteKind, RoutingPolicy, RoutingTable
+from services.scaler.core import CoreParams, ManifestLookup, ScalerState, TickInputs, plan_tick
 from services.scaler.deployment import DeploymentSpec
-from services.scaler.placement import STORE_SOURCE_ID, HostCache, Tier
-from services.scaler.policy import PolicyState, decide, snapshot_from_reports
+from services.scaler.observe import Observation
+from services.scaler.placement import STORE_SOURCE_ID, HostCache, HostCopy, Tier
 from services.scaler.reconcile import (
+    LOAD_DISK,
+    LOAD_MULTICAST,
     Assign,
-    ClusterView,
     Demote,
-    ExecutorReport,
     InstanceRecord,
     InstanceState,
-    PendingOp,
     Release,
     StartMulticast,
-    StoreHoldings,
-    reconcile,
-    settle_pending,
 )
 from services.transfer.planner import Edge, plan_multicast, ready_edges, replan
 from shared.errors import LScaleError, NoCapacity, PlanError
@@ -216,6 +216,9 @@ class Platform:
             eid = f"exec-{i:0{width}d}"
             self.executors[eid] = SimExecutor(eid, i // cl.executors_per_node,
                                               HostCache(host_budget))
+        self.on_node: dict[int, list[str]] = {}
+        for eid, ex in self.executors.items():
+            self.on_node.setdefault(ex.node, []).append(eid)
         self.requests = [SimRequest(i, a.model, a.at_s, max(1, a.prompt_tokens),
                                     max(1, a.output_tokens)) for i, a in enumerate(arrivals)]
         self.by_rid = {r.rid: r for r in self.requests}
@@ -226,9 +229,15 @@ class Platform:
         self.disk_free: dict[int, float] = {}
         self.disk: dict[int, dict[str, float]] = {n: {} for n in range(cl.nodes)}  # model->used
         self.records: dict[str, InstanceRecord] = {}
-        self.pending: tuple[PendingOp, ...] = ()
-        self.policy: dict[str, PolicyState] = {}
-        self.reports: dict[str, ExecutorReport] = {}
+        # the scaler: its core's state from tick to tick, what it has heard of each executor,
+        # and the store's manifests (every model in the store's memory tier)
+        self.scaler = ScalerState()
+        self.observations: dict[str, Observation] = {}
+        self.manifests = {m.name: ManifestLookup(m.name, 0.0, manifest={
+            "total_bytes": m.total_bytes, "blocks": [], "in_memory": True}) for m in cfg.models}
+        # every report is fresh (no executor dies here); the rest are the service's defaults
+        self.params = CoreParams(executor_timeout_s=math.inf, pending_timeout_s=PENDING_TIMEOUT_S,
+                                 strategy=cfg.mode.strategy, source="sim")
         self.loads: list[LoadRecord] = []
         self.multicasts: list[dict[str, object]] = []
         self.timeline: list[tuple[float, int, int, int, int]] = []  # t, locals, pipes, queue, gpus
@@ -257,7 +266,7 @@ class Platform:
                 self._assign(e, model, model, "warm", 0.0)
                 e.held = set(range(self.models[model].blocks * cfg.parts))
                 self._complete(e)
-            self.policy[model] = PolicyState(desired=n, window=((0.0, n),), last_time=0.0)
+            # (the scaler's first tick seeds the policy from these rows, as after a restart)
         for model, n in sorted(cfg.host.items()):
             size = self.models[model].total_bytes
             hosts = [e for e in sorted(self.executors) if self.executors[e].model is None]
@@ -442,18 +451,27 @@ class Platform:
     # --- executors ----------------------------------------------------------------------------
 
     def _report(self, e: SimExecutor) -> None:
-        self.reports[e.eid] = ExecutorReport(
-            e.eid, 0.0, deployment=e.deployment, model=e.model, ready=e.complete,
-            host_budget_bytes=e.host.budget_bytes, host_copies=e.host.copies)
+        """What the scaler now knows of ``e`` (its metrics snapshot and readiness events)."""
+        now = self.loop.now
+        m = self.models.get(e.model) if e.model is not None else None
+        disk = tuple(HostCopy(name, self.models[name].total_bytes, used)
+                     for name, used in sorted(self.disk[e.node].items()))
+        self.observations[e.eid] = Observation(
+            e.eid, now, now, model=e.model, num_layers=m.num_layers if m else 0,
+            complete=e.complete, host_copies=e.host.copies,
+            host_budget_bytes=e.host.budget_bytes, disk_copies=disk)
 
     def _assign(self, e: SimExecutor, deployment: str, model: str, source: str,
-                now: float) -> None:
+                now: float, action: Assign | None = None) -> None:
         e.model, e.deployment, e.assigned_at = model, deployment, now
         e.held, e.complete = set(), False
         e.load = LoadRecord(e.eid, model, source, now)
         self.loads.append(e.load)
+        # the row as the shell writes it (its tier, and how the weights arrive)
+        tier, load_from = (action.source_tier.value, action.load_from) if action else (source, "")
         self.records[e.eid] = InstanceRecord(e.eid, deployment, model, InstanceState.LOADING,
-                                             started_at=now, source_tier=source)
+                                             started_at=now, source_tier=tier,
+                                             load_from=load_from)
         self._report(e)
 
     def _complete(self, e: SimExecutor) -> None:
@@ -516,14 +534,19 @@ class Platform:
                 self.loop.at(when, self.on_chunk, e.eid, model.name, c, parts)
 
     def _disk_keep(self, node: int, model: str, now: float) -> None:
+        """The node's disk keeps a checkpoint it loaded (LRU); its executors report it."""
         cache = self.disk[node]
         size = float(self.models[model].total_bytes)
+        before = set(cache)
         cache.pop(model, None)
         budget = self.cfg.cluster.disk_budget_bytes
         while cache and sum(self.models[m].total_bytes for m in cache) + size > budget:
             del cache[min(cache, key=lambda m: cache[m])]
         if size <= budget:
             cache[model] = now
+        if set(cache) != before:
+            for eid in self.on_node[node]:
+                self._report(self.executors[eid])
 
     def _start_multicast(self, action: StartMulticast) -> None:
         req = action.request
@@ -531,20 +554,6 @@ class Platform:
         cl = self.cfg.cluster
         receivers = [r for r in req.receivers if self.executors[r].model == req.model
                      and not self.executors[r].complete]
-        if self.cfg.mode.local_disk:
-            # ServerlessLLM: a receiver whose node caches the checkpoint reads its own disk
-            # (its fastest local tier after host memory)
-            rest = []
-            for r in receivers:
-                e = self.executors[r]
-                if req.model in self.disk[e.node]:
-                    self.disk[e.node][req.model] = self.loop.now
-                    if e.load is not None:
-                        e.load.source = "disk"
-                    self._load_local(e, model, cl.disk_bytes_s, node_disk=True)
-                else:
-                    rest.append(r)
-            receivers = rest
         if not receivers:
             return
         sources = [s for s in req.sources if s == STORE_SOURCE_ID
@@ -559,7 +568,7 @@ class Platform:
                     rate = min(rate, cl.store_disk_bytes_s)
                 rates[s] = rate
         try:
-            plan = plan_multicast(self.cfg.mode.plan_strategy, sources, receivers,
+            plan = plan_multicast(req.strategy, sources, receivers,
                                   model.blocks, self.cfg.parts)
         except PlanError:
             return
@@ -605,38 +614,31 @@ class Platform:
             self._wake_at = None
         self.ticks += 1
         cfg = self.cfg
-        snapshot = snapshot_from_reports([self._load_report(now)], now)
-        desired: dict[str, int] = {}
-        for name, spec in self.specs.items():
-            state = self.policy.get(name)
-            if state is None and name not in snapshot.models and spec.min_instances == 0:
-                desired[name] = 0  # never asked for: decide() would say 0 too, much cheaper
-                continue
-            decision, state = decide(spec, snapshot, state or PolicyState(last_time=now), now)
-            self.policy[name] = state
-            desired[name] = decision.desired
-            if decision.desired == 0 and not decision.outstanding and state.window == ((now, 0),):
-                del self.policy[name]  # back at zero and idle: forget, as a fresh deployment
-        self.pending = settle_pending(self.pending, self.records, now, PENDING_TIMEOUT_S)
-        view = ClusterView(
-            now=now, desired=desired, deployments=self.specs, instances=self.records,
-            executors=self.reports, pending=self.pending,
-            store=StoreHoldings(memory=frozenset(self.models), disk=frozenset(self.models),
-                                store_id=STORE_SOURCE_ID),
-            model_bytes={m: s.total_bytes for m, s in self.models.items()},
-            load=snapshot, executor_timeout_s=math.inf, strategy=cfg.mode.plan_strategy)
-        result = reconcile(view)
-        self.pending = result.pending
-        for action in result.actions:
+        # the tick the service runs: its shell hands the core the table, the executors'
+        # observations, the manifests and the routers' load; the core decides everything
+        plan = plan_tick(self.scaler, TickInputs(
+            now=now, specs=self.specs, records=self.records, observations=self.observations,
+            manifests=self.manifests, load={"sim": (now, self._load_report(now))},
+            listening_since=0.0, started_at=0.0), self.params)
+        self.scaler = plan.state
+        for action in plan.actions:
             kind = type(action).__name__
             self.actions[kind] = self.actions.get(kind, 0) + 1
             if isinstance(action, Assign):
                 e = self.executors[action.executor_id]
-                source = "host" if action.transfer is None else \
-                    f"multicast:{action.source_tier.value}"
-                self._assign(e, action.deployment, action.model, source, now)
-                if action.transfer is None:
-                    m = self.models[action.model]
+                m = self.models[action.model]
+                if action.load_from == LOAD_MULTICAST:
+                    self._assign(e, action.deployment, action.model,
+                                 f"multicast:{action.source_tier.value}", now, action)
+                elif action.load_from == LOAD_DISK:
+                    # its node's disk copy (local_tiers): read at the disk's rate, shared by
+                    # the node's executors
+                    self._assign(e, action.deployment, action.model, "disk", now, action)
+                    self.disk[e.node][action.model] = now
+                    self.loop.after(cfg.control_latency_s, self._load_local, e, m,
+                                    cfg.cluster.disk_bytes_s, True)
+                else:
+                    self._assign(e, action.deployment, action.model, "host", now, action)
                     e.host = e.host.touch(action.model, now)
                     rate = cfg.cluster.pcie_bytes_s or m.pace.gpu.pcie_bytes_per_s
                     self.loop.after(cfg.control_latency_s, self._load_local, e, m, rate, False)

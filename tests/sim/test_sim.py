@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,8 +15,11 @@ import loadgen.sim.engine as sim_engine
 import loadgen.sim.platform as sim_platform
 import services.router.pipeline as pipeline
 import services.router.routing as routing
+import services.scaler.core as core
+import services.scaler.placement as placement
 import services.scaler.policy as policy
 import services.scaler.reconcile as reconcile
+import services.scaler.service as scaler_service
 import services.transfer.driver as driver
 import services.transfer.planner as planner
 import shared.costmodel as costmodel
@@ -29,15 +34,25 @@ from loadgen.sim.workload import assign_models
 from loadgen.trace import Arrival
 
 SIM_DIR = Path(sim_platform.__file__).parent
+# the module the scaler's shell calls its tick through (``core.plan_tick``)
+SHELL_CORE: ModuleType = vars(scaler_service)["core"]
 
 
 # (module that calls it, name there, module that defines it): the simulator's decision code
 SAME_FUNCTIONS = [
     (sim_platform, "RoutingTable", routing),
-    (sim_platform, "decide", policy),
-    (sim_platform, "snapshot_from_reports", policy),
-    (sim_platform, "reconcile", reconcile),
-    (sim_platform, "settle_pending", reconcile),
+    # the scaler's tick: the simulator calls the core the service shell calls...
+    (sim_platform, "plan_tick", core),
+    (SHELL_CORE, "plan_tick", core),
+    (sim_platform, "CoreParams", core),
+    (sim_platform, "ScalerState", core),
+    (sim_platform, "TickInputs", core),
+    # ...which composes the policy, reconcile and placement (no copies of those either)
+    (core, "decide", policy),
+    (core, "snapshot_from_reports", policy),
+    (core, "reconcile", reconcile),
+    (core, "settle_pending", reconcile),
+    (reconcile, "plan_scale_out", placement),
     (sim_platform, "plan_multicast", planner),
     (sim_platform, "replan", planner),
     (sim_platform, "ready_edges", planner),  # the driver's edge rule...
@@ -60,9 +75,16 @@ def test_the_simulator_calls_the_services_functions_not_copies(
     assert getattr(owner, name).__module__ == owner.__name__
 
 
+def test_the_scaler_shell_ticks_with_the_core_module_itself() -> None:
+    # the shell calls ``core.plan_tick`` through the module: the module must be the one
+    assert SHELL_CORE is core
+    assert "core.plan_tick(" in Path(scaler_service.__file__).read_text()
+
+
 def test_the_simulator_imports_no_service_shell() -> None:
+    # (services/scaler/observe.py and events.py are pure modules the scaler's core composes)
     shells = {"service", "http", "nats_backend", "catalog", "provisioners", "redrive",
-              "observe", "events", "driver", "merge", "progress"}
+              "actions", "driver", "merge", "progress"}
     for path in SIM_DIR.glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
@@ -75,6 +97,19 @@ def test_the_simulator_imports_no_service_shell() -> None:
                 parts = name.split(".")
                 assert not (parts[0] == "services" and parts[-1] in shells), (path, name)
                 assert parts[0] not in ("asyncio", "nats"), (path, name)
+
+
+def test_the_simulator_loads_no_shell_even_indirectly() -> None:
+    # what importing the simulator brings in, transitively (a fresh interpreter)
+    code = ("import sys, loadgen.sim.cli, loadgen.sim.studies, loadgen.sim.validate; "
+            "print('\\n'.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert "services.scaler.core" in out and "loadgen.sim.platform" in out
+    bad = [m for m in out if m.split(".")[0] == "nats" or m == "shared.bus"
+           or (m.startswith("services.") and m.split(".")[-1] in
+               ("service", "actions", "redrive", "provisioners", "driver"))]
+    assert not bad
 
 
 def _arrivals(n: int, rate: float, prompt: int = 200, output: int = 50) -> list[Arrival]:
@@ -144,6 +179,29 @@ def test_store_pull_loads_share_the_store_link_and_multicast_does_not() -> None:
     mc_late = max(x.load_s for x in mc.loads if x.load_s is not None)
     assert pull_late > 2 * one_copy
     assert mc_late < pull_late
+
+
+def test_serverlessllm_is_placements_local_tiers_own_disk_first_then_the_store() -> None:
+    assert MODES["serverlessllm"].strategy == placement.LOCAL_TIERS
+    arrivals = [SimArrival(0.05 * i, "m0", 300, 200) for i in range(200)]
+    # nodes 0 and 1 cache the checkpoint on their disks; 2..5 do not
+    p = _run(_config("serverlessllm", nodes=6, disk={"m0": (0, 1)}), arrivals)
+    model = make_model("m0", "h100:llama-2-7b")
+    by_source: dict[str, list[float]] = {}
+    for x in p.loads:
+        assert x.load_s is not None
+        by_source.setdefault(x.source, []).append(x.load_s)
+    # the core's placement chose the disk loaders first and read their own disk...
+    assert {p.executors[x.executor].node for x in p.loads if x.source == "disk"} <= {0, 1}
+    first = min(p.loads, key=lambda x: x.assigned_s)
+    assert first.source == "disk"
+    disk_s = _config("serverlessllm").control_latency_s + model.total_bytes / (
+        ClusterSpec().disk_bytes_s)
+    assert min(by_source["disk"]) == pytest.approx(disk_s, rel=1e-6)
+    # ...and the others pulled the store (never a multicast from a running instance)
+    assert set(by_source) <= {"disk", "multicast:store_memory"}
+    assert all(m["sources"] == ["store"] for m in p.multicasts)
+    assert p.actions.get("Assign", 0) == len(p.loads)
 
 
 def test_engine_fast_forward_matches_step_by_step_times() -> None:
