@@ -616,9 +616,13 @@ class Platform:
         cfg = self.cfg
         # the tick the service runs: its shell hands the core the table, the executors'
         # observations, the manifests and the routers' load; the core decides everything
+        report = self._load_report(now)
+        specs = self.specs if cfg.tick_idle_deployments else self._live_specs(report)
+        manifests = self.manifests if specs is self.specs else {
+            spec.model: self.manifests[spec.model] for spec in specs.values()}
         plan = plan_tick(self.scaler, TickInputs(
-            now=now, specs=self.specs, records=self.records, observations=self.observations,
-            manifests=self.manifests, load={"sim": (now, self._load_report(now))},
+            now=now, specs=specs, records=self.records, observations=self.observations,
+            manifests=manifests, load={"sim": (now, report)},
             listening_since=0.0, started_at=0.0), self.params)
         self.scaler = plan.state
         for action in plan.actions:
@@ -661,6 +665,22 @@ class Platform:
                 self.end_s = now
                 return
             self.loop.after(cfg.reconcile_interval_s, self._tick, True)
+
+    def _live_specs(self, report: LoadReport) -> dict[str, DeploymentSpec]:
+        """The deployments the core could decide anything for this tick.
+
+        A deployment at rest — no load, no instance row, no pending operation, no floor, and
+        a desired count of 0 — gets desired 0 and no action whatever its policy state (a
+        window of zeros is replaced by the next sample, and the rest of the state decides
+        nothing), so leaving it out changes no decision; with 1000 models it saves the
+        policy and reconcile passes over every idle one (``tick_idle_deployments`` keeps them,
+        and a test checks the two give the same run)."""
+        names = {n for n, st in self.scaler.policy.items() if st.desired > 0}
+        names.update(r.deployment for r in self.records.values())
+        names.update(op.deployment for op in self.scaler.pending)
+        names.update(report.queued)
+        names.update(report.running)
+        return {n: s for n, s in self.specs.items() if n in names or s.min_instances > 0}
 
     def _sample(self, now: float) -> None:
         locals_ = pipes = queue = 0

@@ -156,6 +156,22 @@ def test_small_cluster_runs_are_deterministic_and_conserve_requests(mode: str) -
     assert a.gpu_seconds > 0
 
 
+@pytest.mark.parametrize("mode", ["lambdascale", "serverlessllm"])
+def test_leaving_idle_deployments_out_of_the_tick_decides_the_same(mode: str) -> None:
+    # models that go idle past keep-alive and come back: the core sees every deployment in
+    # one run and only the live ones in the other, and every decision is the same
+    arrivals = assign_models(_arrivals(400, 8.0), [f"m{i}" for i in range(6)], zipf_s=1.0,
+                             seed=5)
+    full = _run(_config(mode, models=6, tick_idle_deployments=True), arrivals)
+    live = _run(_config(mode, models=6), arrivals)
+    assert _fingerprint(full) == _fingerprint(live)
+    assert full.gpu_seconds == live.gpu_seconds
+    assert [(x.executor, x.model, x.source, x.assigned_s, x.complete_s) for x in full.loads] \
+        == [(x.executor, x.model, x.source, x.assigned_s, x.complete_s) for x in live.loads]
+    assert full.actions == live.actions
+    assert full.actions.get("Release", 0) >= 2  # scale-to-zero and back happened
+
+
 def test_a_request_too_long_for_a_kv_row_is_counted_failed() -> None:
     arrivals = [SimArrival(0.0, "m0", 5000, 10), SimArrival(0.1, "m0", 100, 10)]
     p = _run(_config("lambdascale"), arrivals)
