@@ -88,6 +88,7 @@ from loadgen.scenarios import (
     Testbed,
     busiest_window,
     cost_at_equal_slo,
+    instance_capacity,
     profile_named,
     scenario,
     spread,
@@ -168,8 +169,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--network", choices=("auto", "emu", "loopback"), default="auto",
                    help="emu: namespaces with shaped links (needs root); auto: emu when root")
     c.add_argument("--target-concurrency", type=float, default=1.0,
-                   help="deployment target: outstanding requests per instance (the router "
-                        "gives a local instance at most this many at once)")
+                   help="deployment target: outstanding requests per instance (the policy "
+                        "sizes the deployment by it)")
+    c.add_argument("--instance-concurrency", type=int, default=0,
+                   help="requests one instance serves at once (executor max_running, router "
+                        "max_outstanding_per_route; more wait in the router's queue); 0 (the "
+                        "default): derived from the profile so that an instance's throughput "
+                        "is the target GPU's at the window's real request sizes "
+                        "(loadgen.scenarios.instance_capacity; unscaled testbed: no cap)")
     c.add_argument("--keep-alive", type=float, default=4.0,
                    help="deployment keep-alive of the main episodes, s")
     c.add_argument("--keep-alive-sweep", type=_floats, default=(1.5, 12.0),
@@ -238,6 +245,7 @@ class BenchConfig:
     episode_timeout_s: float = 60.0
     cpu_busy_limit: float = 0.75
     repeats: int = 1
+    instance_concurrency: int = 0  # 0: no cap (resolved from the profile before a run)
 
 
 def _mode_list(text: str, what: str) -> tuple[str, ...]:
@@ -258,6 +266,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ConfigError("max_prompt_tokens", "token caps must be >= 1")
     if args.repeats < 1:
         raise ConfigError("repeats", "must be >= 1")
+    if args.instance_concurrency < 0:
+        raise ConfigError("instance_concurrency", "must be >= 0 (0: from the profile)")
     network = args.network
     if network == "auto":
         from shared.emu import netns_unavailable_reason
@@ -294,7 +304,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                        scenario=scen, scaled=scaled, profile=args.profile,
                        link_disk_ratios=ratios, sweep=sweep, sweep_modes=sweep_modes,
                        slo_target=args.slo_target, episode_timeout_s=args.episode_timeout,
-                       cpu_busy_limit=args.cpu_busy_limit, repeats=args.repeats)
+                       cpu_busy_limit=args.cpu_busy_limit, repeats=args.repeats,
+                       instance_concurrency=args.instance_concurrency)
 
 
 # --- the workload (pure) --------------------------------------------------------------------
@@ -433,6 +444,7 @@ class ClusterRun:
                # 48 MiB then holds dozens of requests instead of three
                "LSCALE_MAX_SEQ_LEN": str(self.cfg.max_seq_len),
                "LSCALE_PARTS": str(self.cfg.parts),
+               "LSCALE_MAX_RUNNING": str(self.cfg.instance_concurrency),
                "LSCALE_DISK_DIR": str(self.disk_dir(f"exec-{i}"))}
         if self.testbed is not None:
             from loadgen.scenarios import Tier as RateTier
@@ -467,7 +479,8 @@ class ClusterRun:
                 "LSCALE_QUEUE_WAIT_S": str(self.cfg.request_timeout_s),
                 "LSCALE_QUEUE_LIMIT": "100000",
                 "LSCALE_FIRST_TOKEN_TIMEOUT_S": str(self.cfg.request_timeout_s),
-                "LSCALE_LOCAL_TARGET_CONCURRENCY": str(max(1, round(self.cfg.target_concurrency)))},
+                "LSCALE_LOCAL_TARGET_CONCURRENCY": str(max(1, round(self.cfg.target_concurrency))),
+                "LSCALE_MAX_OUTSTANDING_PER_ROUTE": str(self.cfg.instance_concurrency or 64)},
              None),
             ("scaler-0", [*py, "services.scaler"], {
                 "LSCALE_STRATEGY": self.mode.strategy, "LSCALE_TRANSPORT": "tcp",
@@ -1221,6 +1234,19 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, log: Any) -> dict[str
 
     started = time.monotonic()
     arrivals, workload = build_workload(args)
+    capacity: dict[str, Any] = {"concurrency": cfg.instance_concurrency or None,
+                                "source": "--instance-concurrency"}
+    if cfg.instance_concurrency == 0 and cfg.scaled:
+        real, sent = workload["trace_tokens_mean"], workload["sent_tokens_mean"]
+        cap = instance_capacity(profile_named(cfg.profile).pace, round(real["prompt"]),
+                                round(real["output"]), round(sent["prompt"]),
+                                round(sent["output"]))
+        cfg = replace(cfg, instance_concurrency=cap.concurrency)
+        capacity = {"concurrency": cap.concurrency, "source": "loadgen.scenarios."
+                    "instance_capacity: the target's throughput at the window's mean real "
+                    "sizes x one capped request's time",
+                    "target_throughput_rps": cap.real_throughput_rps,
+                    "target_batch": cap.real_batch, "capped_request_s": cap.capped_request_s}
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = await asyncio.to_thread(prepare_model, cfg.shape, cfg.out)
     prompts = TokenizerPrompts(load_tokenizer(model.hf_dir), str(model.hf_dir))
@@ -1247,6 +1273,7 @@ async def _run(args: argparse.Namespace, cfg: BenchConfig, log: Any) -> dict[str
         "cluster": {"executors": cfg.executors, "deployment": {
             "min_instances": cfg.scenario.floor, "max_instances": cfg.executors,
             "target_concurrency": cfg.target_concurrency, "keep_alive_s": cfg.keep_alive_s},
+            "instance_capacity": capacity,
             "keep_alive_sweep": [cfg.keep_alive_s, *cfg.sweep],
             "sweep_modes": list(cfg.sweep_modes)},
         "workload": workload,

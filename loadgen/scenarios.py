@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from shared.costmodel import Pace, parse_pace
+from shared.costmodel import Pace, parse_pace, request_seconds, step_seconds
 from shared.errors import InvalidParameter
 
 GB = 1e9
@@ -358,6 +358,44 @@ def busiest_window(times: Sequence[float], duration_s: float) -> float:
         if lo - k > best:
             best, best_start = lo - k, float(start)
     return best_start
+
+
+# --- one instance's capacity -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceCapacity:
+    """How many capped requests one emulated instance serves at once so that its throughput
+    is what the target GPU sustains at the trace's real request sizes.
+
+    The tiny model computes capped requests (a CPU cannot compute the trace's 1,000-token
+    prompts in a GPU's time), and a paced GPU would batch many of them in one step: unbounded,
+    one instance would absorb any burst. So the emulated instance takes at most
+    ``concurrency`` = real throughput x one capped request's time (at least 1)."""
+
+    concurrency: int
+    real_throughput_rps: float  # the target at the trace's mean sizes, KV-bound batch
+    real_batch: int  # sequences the target's memory holds at those sizes
+    capped_request_s: float  # one capped request alone on the target
+
+
+def instance_capacity(pace: Pace, real_prompt: int, real_output: int, sent_prompt: int,
+                      sent_output: int, *, memory_fraction: float = 0.9) -> InstanceCapacity:
+    """Steady state of continuous batching at the real sizes: ``B`` sequences (as many as
+    the KV cache holds beside the weights) decode at the mean context, and every request
+    adds one whole-prompt prefill; B requests finish per ``real_output`` decode steps."""
+    if min(real_prompt, real_output, sent_prompt, sent_output) < 1:
+        raise InvalidParameter("token counts must be >= 1", field="tokens")
+    m = pace.model
+    kv_per_seq = (real_prompt + real_output) * m.num_layers * m.kv_bytes_per_token_layer
+    free = pace.gpu.memory_bytes * pace.tensor_parallel * memory_fraction - m.weight_bytes
+    batch = max(1, int(free // kv_per_seq))
+    context = real_prompt + real_output // 2
+    decode = step_seconds(pace, [(context, 1)] * batch)
+    prefill = step_seconds(pace, [(0, real_prompt)])
+    throughput = batch / (real_output * decode + batch * prefill)
+    capped = request_seconds(pace, sent_prompt, sent_output)[1]
+    return InstanceCapacity(max(1, round(throughput * capped)), throughput, batch, capped)
 
 
 # --- cost at equal SLO ----------------------------------------------------------------------

@@ -235,6 +235,7 @@ def test_bench_e2e_smoke_host_scenario_on_the_scaled_testbed(tmp_path: Path) -> 
         doc["model"]["bytes"] / doc["testbed"]["profile"]["target_bytes"])
     assert doc["scenario"]["scenario"] == "host" and doc["scenario"]["floor"] == 0
     assert doc["workload"]["window"]["busiest"] is True
+    assert doc["cluster"]["instance_capacity"]["concurrency"] >= 1
     assert set(doc["modes"]) == {"lambdascale", "serverlessllm"}
     n = doc["workload"]["requests"]
     assert n >= 5

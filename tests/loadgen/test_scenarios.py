@@ -17,6 +17,7 @@ from loadgen.scenarios import (
     Tier,
     busiest_window,
     cost_at_equal_slo,
+    instance_capacity,
     profile_named,
     scenario,
     spread,
@@ -126,3 +127,20 @@ def test_spread() -> None:
     assert spread([1.0, 1.1, 0.9]) == pytest.approx(0.1)
     assert spread([2.0]) is None
     assert spread([math.inf, 1.0]) is None
+
+
+def test_instance_capacity_matches_the_targets_throughput_at_real_sizes() -> None:
+    pace = profile_named("h100-llama-2-13b").pace
+    cap = instance_capacity(pace, 1155, 211, 128, 32)
+    # 13B on one H100 at the conversation trace's sizes: ~41 sequences fit, ~4 requests/s;
+    # a capped request takes ~0.41 s, so two at once give the same throughput
+    assert 30 <= cap.real_batch <= 50
+    assert 3.0 <= cap.real_throughput_rps <= 5.5
+    assert cap.capped_request_s == pytest.approx(0.414, rel=0.05)
+    assert cap.concurrency == 2
+    assert cap.concurrency / cap.capped_request_s == pytest.approx(cap.real_throughput_rps,
+                                                                   rel=0.3)
+    bigger = instance_capacity(profile_named("h100x2-llama-2-70b").pace, 1155, 211, 128, 32)
+    assert bigger.real_throughput_rps < cap.real_throughput_rps and bigger.concurrency >= 1
+    with pytest.raises(InvalidParameter):
+        instance_capacity(pace, 0, 1, 1, 1)
