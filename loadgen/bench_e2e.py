@@ -30,6 +30,12 @@ the host copies made by a real scale-in); nodes that loaded then get a local-dis
 (``--disk-cache loaded``, the default: a cluster serving many models cannot keep each on every
 disk; ``all`` / ``none`` vary it).
 
+**One instance's capacity.** An instance serves at most ``instance_concurrency`` capped
+requests at once (the rest wait in the router's queue), derived from the profile so that its
+throughput is the target GPU's at the window's real request sizes
+(:func:`loadgen.scenarios.instance_capacity`); else one paced GPU would batch the capped burst
+alone and nothing would scale.
+
 **Episode and cost.** An episode is the replay plus the time until every instance beyond the
 scenario's floor (1 warm, else 0) is released again (keep-alive). GPU-seconds are
 executor-seconds with a model assigned, from each assign to its release, over the episode

@@ -224,13 +224,17 @@ def test_bench_e2e_smoke_host_scenario_on_the_scaled_testbed(tmp_path: Path) -> 
          "--keep-alive", "1", "--keep-alive-sweep", "3", "--sweep-modes", "lambdascale",
          "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2",
          "--intermediate", "128", "--vocab", "512", "--blocks", "2", "--parts", "1",
-         "--max-prompt-tokens", "8", "--max-output-tokens", "3", "--cpu-busy-limit", "1.0"],
+         "--max-prompt-tokens", "8", "--max-output-tokens", "3", "--cpu-busy-limit", "1.0",
+         "--link-disk-ratio", "2"],
         capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
     doc = json.loads(done.stdout)
     assert doc["emulated"] is True and doc["testbed"]["emulated"] is True
+    assert doc["testbed"]["link_disk_ratio"] == 2.0
+    rates = doc["testbed"]["target_equivalent_bytes_per_s"]
+    assert rates["network"] == pytest.approx(2 * rates["disk"])
     assert doc["testbed"]["factor"] == pytest.approx(
         doc["model"]["bytes"] / doc["testbed"]["profile"]["target_bytes"])
     assert doc["scenario"]["scenario"] == "host" and doc["scenario"]["floor"] == 0
@@ -260,7 +264,7 @@ def test_bench_e2e_smoke_host_scenario_on_the_scaled_testbed(tmp_path: Path) -> 
     r = doc["ratios_vs_serverlessllm"]
     assert r["serverlessllm"]["ttft_p99_s"] == 1.0
     assert set(doc["targets"]) == {"lambdascale/serverlessllm ttft_p99_s"}
-    assert doc["repeats"]["None"]["repeats"] == 1
+    assert doc["repeats"]["2.0"]["repeats"] == 1
     assert Path(doc["outputs"]["cdf_modes"]).is_file()
     assert Path(doc["outputs"]["timeline_modes"]).is_file()
     assert json.loads((out / "bench_e2e.json").read_text())["modes"].keys() == doc["modes"].keys()
