@@ -1143,9 +1143,14 @@ def plot_mode_timelines(results: Sequence[Episode], path: Path, title: str = "")
         for ax, attr in ((inst_ax, "instances"), (pipe_ax, "pipelines"),
                          (queue_ax, "queue_depth")):
             series = [(t, v) for t, p in points if (v := getattr(p, attr, None)) is not None]
+            # the router counts the pipelines its readiness allows even where routing over
+            # them is off: drawn dashed, "possible, not used"
+            unused = attr == "pipelines" and not res.mode.pipelines
             if series:
                 ax.step([t for t, _ in series], [v for _, v in series], where="post",
-                        color=color, label=res.mode.name)
+                        color=color, linestyle="--" if unused else "-",
+                        label=f"{res.mode.name} (possible, not used)" if unused
+                        else res.mode.name)
         for t in sorted(x["complete_s"] for x in res.loads if x["complete_s"] is not None):
             inst_ax.axvline(t, color=color, alpha=0.15, linewidth=1)
         done = [d for r in res.records if r.ok and (d := r.done_s) is not None]
