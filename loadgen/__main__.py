@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-engine": ("loadgen.bench_engine", "decode tokens/s of our engine vs transformers"),
     "bench-multicast": ("loadgen.bench_multicast", "multicast strategies on the emulated cluster"),
     "bench-router": ("loadgen.bench_router", "router overhead per request"),
+    "bench-codec": ("loadgen.bench_codec", "encode+decode of the hot wire messages, old vs new"),
     "bench-e2e": ("loadgen.bench_e2e", "end-to-end trace replay in three modes"),
     "cost-model": ("loadgen.cost_model", "modelled GPU step times and their published checks"),
     "replay": ("loadgen.replay", "replay a request trace against a router"),

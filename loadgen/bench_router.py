@@ -178,6 +178,7 @@ async def _measure(args: argparse.Namespace, nats_url: str, router_pid: int) -> 
     from shared import subjects
     from shared.bus import Bus, decode
     from shared.messages import InferRequest, TokenChunk
+    from shared.sampling import SamplingParams
 
     bus = await Bus.connect(nats_url, "bench-router")
     try:
@@ -196,8 +197,8 @@ async def _measure(args: argparse.Namespace, nats_url: str, router_pid: int) -> 
 
             tokenizer = await _tokenizer(bus)
             prompt_ids = tokenizer(PROMPT).input_ids
-            sampling = {"max_tokens": args.max_tokens, "temperature": 1.0, "top_p": 1.0,
-                        "stop_token_ids": [tokenizer.eos_token_id]}
+            sampling = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, top_p=1.0,
+                                      stop_token_ids=(tokenizer.eos_token_id,))
             inbox_prefix = f"bench.tokens.{uuid.uuid4().hex}"
             queue: asyncio.Queue[TokenChunk] = asyncio.Queue()
 

@@ -127,7 +127,7 @@ class FakeExecutor:
     async def _on_infer(self, req: InferRequest, _msg: Any) -> Ack:
         if req.model != self.model:
             raise ModelNotFound(f"{self.executor_id} does not serve {req.model!r}")
-        need = range(req.stages[0]["start"], req.stages[0]["stop"]) if req.stages \
+        need = range(req.stages[0].start, req.stages[0].stop) if req.stages \
             else range(self.num_layers)
         if not set(need) <= set(self.held):
             raise LayersNotReady(f"{self.executor_id} lacks layers of {need}")
@@ -138,11 +138,11 @@ class FakeExecutor:
 
     async def _stream(self, req: InferRequest) -> None:
         via = "pipeline" if req.stages else "local"
-        last = req.stages[-1]["executor_id"] if req.stages else self.executor_id
+        last = req.stages[-1].executor_id if req.stages else self.executor_id
         context = list(req.prompt_token_ids)
         sent = self.streamed.setdefault(req.request_id, [])
-        stops = set(req.sampling.get("stop_token_ids") or ())
-        for i in range(int(req.sampling["max_tokens"])):
+        stops = set(req.sampling.stop_token_ids)
+        for i in range(req.sampling.max_tokens):
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
             token = next_token(context)
@@ -153,7 +153,7 @@ class FakeExecutor:
             reason = None
             if token in stops:
                 reason = "stop"
-            elif i == int(req.sampling["max_tokens"]) - 1:
+            elif i == req.sampling.max_tokens - 1:
                 reason = "length"
             await self.bus.publish(req.reply_to, TokenChunk(
                 request_id=req.request_id, executor_id=last, token_ids=[token],

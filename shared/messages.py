@@ -29,7 +29,8 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec import field
 
-from shared.errors import DecodeError
+from shared.errors import DecodeError, InvalidParameter, LScaleError, error_from_wire
+from shared.sampling import SamplingParams, TokenLogprobs
 
 SCHEMA_VERSION = 1
 
@@ -137,6 +138,88 @@ def decode_any(raw: Any) -> Message:
     if cls is None:
         raise DecodeError(f"unknown message type {raw['t']!r}")
     return cls.from_wire(raw)
+
+
+# =============================================================================================
+# structs carried inside messages (no tag of their own)
+# =============================================================================================
+
+
+class Stage(msgspec.Struct, frozen=True, order=True):
+    """One stage of an execution pipeline: ``executor_id`` runs layers ``[start, stop)``.
+
+    The one stage type: the router's pipeline builder makes them, :class:`InferRequest` and
+    :class:`StageActivations` carry them, the executor runs them, the simulator and the
+    transfer bench measure with them."""
+
+    executor_id: str
+    start: int
+    stop: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.stop - self.start
+
+    def __str__(self) -> str:
+        return f"{self.executor_id}[{self.start},{self.stop})"
+
+
+class RegionDescriptor(msgspec.Struct, frozen=True):
+    """What a writer needs to reach a region (``shared.transport``): it crosses the scaler,
+    the transfer service and the senders as this struct."""
+
+    transport: str  # "tcp" | "shm" | "rdma"
+    region_id: str
+    size: int
+    token: str  # secret: a write without it is refused
+    address: dict[str, str | int] = {}  # host/port, or the shm socket path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transport": self.transport, "region_id": self.region_id, "size": self.size,
+                "token": self.token, "address": dict(self.address)}
+
+    def public(self) -> RegionDescriptor:
+        """The same region without a write token: safe in status replies and logs."""
+        return RegionDescriptor(self.transport, self.region_id, self.size, "", dict(self.address))
+
+    def with_token(self, token: str) -> RegionDescriptor:
+        return RegionDescriptor(self.transport, self.region_id, self.size, token,
+                                dict(self.address))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RegionDescriptor:
+        """A descriptor from a plain map (DecodeError when it is none)."""
+        if isinstance(raw, RegionDescriptor):
+            return raw
+        try:
+            return msgspec.convert(raw, cls)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(f"region descriptor: {_plain_words(exc)}") from exc
+
+
+# a detail of a wire error: a scalar, or a list of scalars
+Detail = str | int | float | bool | None | list[str | int | float | bool | None]
+
+
+class WireError(msgspec.Struct, frozen=True):
+    """A typed error inside a message (a token chunk, a stage's per-flow errors): the fields
+    of :meth:`shared.errors.LScaleError.to_wire`."""
+
+    code: str
+    message: str
+    details: dict[str, Detail] = {}
+
+    @classmethod
+    def of(cls, exc: LScaleError) -> WireError:
+        wire = exc.to_wire()
+        details = {k: v if not isinstance(v, dict) else str(v)
+                   for k, v in wire.get("details", {}).items()}
+        return cls(wire["code"], wire["message"], details)
+
+    def exception(self) -> LScaleError:
+        """The exception this error stands for (the class its code names)."""
+        return error_from_wire({"code": self.code, "message": self.message,
+                                "details": dict(self.details)})
 
 
 # =============================================================================================
@@ -251,15 +334,53 @@ class AssignModel(Message, frozen=True, tag="exec.assign"):
 class AssignReply(Message, frozen=True, tag="exec.assign.reply"):
     executor_id: str
     model: str
-    region: dict[str, Any]  # shared.transport.base.RegionDescriptor.to_dict()
+    region: RegionDescriptor
     ready_layers: list[int] = field(default_factory=list)
 
 
 class ReleaseModel(Message, frozen=True, tag="exec.release"):
-    """Scaler -> executor: stop serving ``model``; keep a host-memory copy when asked."""
+    """Scaler -> executor: stop serving ``model``; keep a host-memory copy when asked.
+    ``evict`` names host copies the scaler's accountant expects dropped to make room."""
 
     model: str
     keep_host_copy: bool = True
+    evict: list[str] = []
+
+
+class StatusQuery(Message, frozen=True, tag="exec.ctl.status"):
+    """Scaler -> executor (``exec_ctl``): report your state; replied with ExecutorStatus."""
+
+
+class GrantWrite(Message, frozen=True, tag="exec.ctl.grant"):
+    """Scaler -> executor (``exec_ctl``): a fresh write token for the region of the copy of
+    ``model`` being filled (a re-driven multicast's senders); replied with AssignReply."""
+
+    model: str
+
+
+ExecControl = AssignModel | ReleaseModel | StatusQuery | GrantWrite
+"""What ``exec_ctl`` takes: the tag ``t`` says which."""
+
+
+def decode_control(raw: Any) -> ExecControl:
+    """An ``exec_ctl`` request: InvalidParameter for no (or an unknown) control message or a
+    field of the wrong type, DecodeError for a missing required field."""
+    if not isinstance(raw, dict):
+        raise InvalidParameter(f"exec ctl takes a control message map, got {type(raw).__name__}")
+    tag = raw.get("t")
+    kinds = {c.tag(): c for c in (AssignModel, ReleaseModel, StatusQuery, GrantWrite)}
+    cls = kinds.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise InvalidParameter(f"unknown control message {tag!r}: expected one of "
+                               f"{', '.join(sorted(kinds))}")
+    try:
+        control: ExecControl = msgspec.convert(raw, cls)  # type: ignore[assignment]
+    except msgspec.ValidationError as exc:
+        words = _plain_words(exc)
+        if "missing required field" in words:
+            raise DecodeError(f"{tag}: {words}") from exc
+        raise InvalidParameter(f"{tag}: {words}") from exc
+    return control
 
 
 class ExecutorStatus(Message, frozen=True, tag="exec.status"):
@@ -275,7 +396,7 @@ class ExecutorStatus(Message, frozen=True, tag="exec.status"):
     queued: int = 0
     kv_used: int = 0
     kv_total: int = 0
-    region: dict[str, Any] = field(default_factory=dict)  # the weight buffer's descriptor
+    region: RegionDescriptor | None = None  # the weight buffer's (without its token)
     load_error: str = ""  # why the last load (e.g. from the store) failed; "" when none
 
 
@@ -296,7 +417,7 @@ class InferRequest(Message, frozen=True, tag="exec.infer"):
 
     The executor replies at once (an :class:`Ack`, or a typed error such as ContextTooLong or
     ModelNotFound) and then streams :class:`TokenChunk` messages to ``reply_to``.
-    ``sampling`` is a :meth:`shared.sampling.SamplingParams.to_wire` map. With
+    ``sampling`` is the request's :class:`~shared.sampling.SamplingParams`. With
     ``num_sequences > 1`` (``n``/``best_of``) the prompt is prefilled once and each sequence
     streams its own TokenChunks (``index``).
     """
@@ -304,13 +425,13 @@ class InferRequest(Message, frozen=True, tag="exec.infer"):
     request_id: str
     model: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     reply_to: str
     # empty: run locally (all layers). Otherwise an execution pipeline, this executor being
-    # stages[0]: each stage {"executor_id", "start", "stop"} (half-open layer range); stage i
+    # stages[0] (each a Stage: executor id and half-open layer range); stage i
     # sends activations to stage i+1 on ``exec_stage``; the last stage streams TokenChunks to
     # ``reply_to`` and feeds each sampled token back to stages[0] for the next decode step.
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)
 
 
 class TokenChunk(Message, frozen=True, tag="exec.tokens"):
@@ -318,8 +439,8 @@ class TokenChunk(Message, frozen=True, tag="exec.tokens"):
     last chunk has ``finish_reason`` ``stop``/``length``; ``cancelled``/``error`` (with
     ``error`` holding a wire error) end the whole request.
 
-    ``logprobs``, when the request asked for them, has one entry per token of ``token_ids``:
-    :meth:`shared.sampling.TokenLogprobs.to_wire` (``[logprob, [[id, logprob], ...]]``).
+    ``logprobs``, when the request asked for them, has one entry per token of ``token_ids``
+    (a :class:`~shared.sampling.TokenLogprobs`, on the wire ``[logprob, [[id, logprob], ...]]``).
     ``prompt_logprobs`` comes once, with sequence 0's first chunk: one entry per prompt token,
     None for the first."""
 
@@ -327,11 +448,11 @@ class TokenChunk(Message, frozen=True, tag="exec.tokens"):
     executor_id: str
     token_ids: list[int]
     finish_reason: str | None = None
-    error: dict[str, Any] | None = None
+    error: WireError | None = None
     via: str = "local"  # "local" or "pipeline": how the request was served
     index: int = 0
-    logprobs: list[Any] = field(default_factory=list)
-    prompt_logprobs: list[Any] | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class CancelRequest(Message, frozen=True, tag="exec.cancel"):
@@ -348,7 +469,8 @@ class StageChunk(Message, frozen=True, tag="exec.stage.chunk"):
     through the pipeline (stage 0 picks it, unique per admission; every stage keys its KV and
     state by it, so a re-dispatched request id never meets a stale run's state). A request's
     first chunk (``start == 0``) carries what the later stages keep for it: ``reply_to``
-    (where the last stage streams TokenChunks), ``sampling`` (as in InferRequest),
+    (where the last stage streams TokenChunks), ``sampling`` (as in InferRequest; None on
+    the later chunks),
     ``prompt_len``, and the prompt's ids when the last stage needs them (prompt logprobs,
     repetition penalty); ``index`` is the flow's sequence among its request's ``n``."""
 
@@ -357,7 +479,7 @@ class StageChunk(Message, frozen=True, tag="exec.stage.chunk"):
     start: int
     length: int
     reply_to: str = ""
-    sampling: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingParams | None = None
     prompt_len: int = 0
     prompt_token_ids: list[int] = field(default_factory=list)
     index: int = 0
@@ -379,7 +501,7 @@ class StageActivations(Message, frozen=True, tag="exec.stage.activations"):
     origin: str
     batch_id: str
     stage: int
-    stages: list[dict[str, Any]]
+    stages: list[Stage]
     chunks: list[StageChunk]
     hidden: bytes
     dtype: str
@@ -399,7 +521,7 @@ class StageTokens(Message, frozen=True, tag="exec.stage.tokens"):
     batch_id: str
     tokens: dict[str, int] = field(default_factory=dict)
     finished: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, WireError] = field(default_factory=dict)
 
 # =============================================================================================
 # transfer
@@ -417,11 +539,15 @@ class StartTransfer(Message, frozen=True, tag="transfer.start"):
     model: str
     sources: list[str]
     receivers: list[str]
-    regions: dict[str, dict[str, Any]]
+    regions: dict[str, RegionDescriptor]
     num_blocks: int
     parts: int = 1
     strategy: str = "lambdapipe"
     transfer_id: str = ""  # chosen by the service when empty
+    # why, for logs: the sources' tier, and the scale-out (deployment, action key) it serves
+    source_tier: str = ""
+    deployment: str = ""
+    key: str = ""
 
 
 class TransferStarted(Message, frozen=True, tag="transfer.started"):
@@ -440,7 +566,7 @@ class SendChunks(Message, frozen=True, tag="transfer.send"):
     reply :class:`Ack` once every chunk has landed (the target ran ``on_write``)."""
 
     model: str
-    target: dict[str, Any]
+    target: RegionDescriptor
     chunks: list[int]
     parts: int = 1
     transfer_id: str = ""

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from shared.errors import InvalidParameter
 
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI's chat allows up to 20 too
@@ -40,9 +42,9 @@ MAX_SEQUENCES = 64  # n / best_of: each sequence holds a KV row
 SEED_RANGE = (0, 2**63 - 1)
 
 
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """A token's log-probability and the ``k`` most likely tokens' (id, logprob), best first."""
+class TokenLogprobs(msgspec.Struct, frozen=True, array_like=True):
+    """A token's log-probability and the ``k`` most likely tokens' (id, logprob), best first.
+    On the wire (inside a TokenChunk) it is the array ``[logprob, [[id, logprob], ...]]``."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()

@@ -25,15 +25,14 @@ import collections
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
 from services.executor.compute import ComputeThread
 from services.executor.requests import check_fits, check_prompt
-from shared.engine import Engine, EngineStats, SamplingParams, StepOutput
+from shared.engine import Engine, EngineStats, SamplingParams, StepOutput, TokenLogprobs
 from shared.errors import EngineError, InvalidParameter, KVCacheFull, LScaleError
-from shared.messages import TokenChunk
+from shared.messages import TokenChunk, WireError
 
 log = structlog.get_logger("executor.inference")
 
@@ -46,7 +45,7 @@ class _Sequence:
     """One of a request's ``n`` sequences: tokens not yet sent, and how it ended."""
 
     outbox: list[int] = field(default_factory=list)
-    logprobs: list[Any] = field(default_factory=list)  # wire entries, when asked for
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # when asked for
     finish_reason: str | None = None
     sent_finish: bool = False
 
@@ -57,7 +56,7 @@ class _Local:
     reply_to: str
     num_sequences: int = 1
     seqs: dict[int, _Sequence] = field(default_factory=dict)
-    prompt_logprobs: list[Any] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     finish_reason: str | None = None  # cancelled / error: the whole request ended
     error: LScaleError | None = None
 
@@ -208,10 +207,9 @@ class EngineDriver:
             seq = local.seq(out.index)
             seq.outbox.append(out.token_id)
             if out.logprobs is not None:
-                seq.logprobs.append(out.logprobs.to_wire())
+                seq.logprobs.append(out.logprobs)
             if out.prompt_logprobs is not None:
-                local.prompt_logprobs = [None if e is None else e.to_wire()
-                                         for e in out.prompt_logprobs]
+                local.prompt_logprobs = list(out.prompt_logprobs)
             if out.finished:
                 seq.finish_reason = out.finish_reason or "stop"
                 if local.done:
@@ -316,7 +314,7 @@ class EngineDriver:
             chunks.append(TokenChunk(
                 request_id=local.request_id, executor_id=self.executor_id, token_ids=[],
                 finish_reason=local.finish_reason,
-                error=local.error.to_wire() if local.error is not None else None, via="local"))
+                error=WireError.of(local.error) if local.error is not None else None, via="local"))
             local.finish_reason = None  # sent once
         return chunks
 

@@ -272,7 +272,7 @@ async def load_from_store(bus: Bus, copy: WeightCopy, timeout_s: float) -> None:
     """
     assert copy.descriptor is not None
     grant = copy.write_grant()
-    target = grant.to_dict()
+    target = grant
     try:
         async with asyncio.timeout(timeout_s):
             for block in copy.manifest.blocks:

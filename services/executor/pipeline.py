@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 import torch
@@ -60,7 +60,6 @@ from services.executor.activations import (
 )
 from services.executor.compute import ComputeThread
 from services.executor.requests import (
-    StageSpec,
     check_fits,
     check_prompt,
     finish_reason,
@@ -68,7 +67,14 @@ from services.executor.requests import (
     sampling_from_wire,
 )
 from shared import subjects
-from shared.engine import Chunk, ModelRunner, SampledToken, SamplingParams, TokenSampler
+from shared.engine import (
+    Chunk,
+    ModelRunner,
+    SampledToken,
+    SamplingParams,
+    TokenLogprobs,
+    TokenSampler,
+)
 from shared.engine.sampling import prompt_logprobs
 from shared.errors import (
     EngineError,
@@ -77,15 +83,16 @@ from shared.errors import (
     LScaleError,
     ModelNotFound,
     Unavailable,
-    error_from_wire,
 )
 from shared.messages import (
     CancelRequest,
     Message,
+    Stage,
     StageActivations,
     StageChunk,
     StageTokens,
     TokenChunk,
+    WireError,
     replace,
 )
 
@@ -101,9 +108,9 @@ class _Head:
     request_id: str
     flow: str
     prompt: list[int]
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     reply_to: str
-    stages: list[StageSpec]
+    stages: list[Stage]
     generated: list[int] = field(default_factory=list)
     pending: list[int] | None = None  # tokens to feed next (the prompt, then each new token)
     start: int = 0  # position of pending[0]
@@ -113,7 +120,7 @@ class _Head:
     index: int = 0  # the sequence, of the request's n
 
     @property
-    def key(self) -> tuple[StageSpec, ...]:
+    def key(self) -> tuple[Stage, ...]:
         return tuple(self.stages)
 
 
@@ -138,7 +145,7 @@ class _Sampled:
     """A last stage's result: each flow's token (and logprobs), prompt logprobs by flow."""
 
     tokens: list[SampledToken]
-    prompt_logprobs: dict[str, list[Any]]
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]]
 
 
 class PipelineWorker:
@@ -190,7 +197,7 @@ class PipelineWorker:
 
     # -- head: admission --------------------------------------------------------------------
     def start_head(self, request_id: str, prompt: Sequence[int], params: SamplingParams,
-                   sampling: dict[str, Any], reply_to: str, stages: list[StageSpec]) -> str:
+                   reply_to: str, stages: list[Stage]) -> str:
         """Admit a request as stage 0 (raises the typed error that refuses it); its flow id."""
         if self._closed:
             raise EngineError("the pipeline worker is closing")
@@ -212,10 +219,9 @@ class PipelineWorker:
         flows: list[str] = []
         for index in range(params.num_sequences):
             flow = f"{request_id}@{self.executor_id}.{next(self._ids)}"
-            wire = dict(sampling)
-            if index > 0:
-                wire["prompt_logprobs"] = None  # sequence 0 carries them
-            self.heads[flow] = _Head(request_id, flow, tokens, wire, reply_to, list(stages),
+            # sequence 0 carries the prompt logprobs
+            sampling = params if index == 0 else dataclasses.replace(params, prompt_logprobs=None)
+            self.heads[flow] = _Head(request_id, flow, tokens, sampling, reply_to, list(stages),
                                      pending=tokens, index=index)
             flows.append(flow)
         self.head_of[request_id] = flows
@@ -285,7 +291,7 @@ class PipelineWorker:
             wire_chunks.append(StageChunk(
                 request_id=head.request_id, flow=head.flow, start=head.start,
                 length=len(head.pending), reply_to=head.reply_to if first else "",
-                sampling=head.sampling if first else {},
+                sampling=head.sampling if first else None,
                 prompt_len=len(head.prompt) if first else 0,
                 prompt_token_ids=head.prompt if first else [], index=head.index))
             ids.extend(head.pending)
@@ -308,7 +314,7 @@ class PipelineWorker:
         message = StageActivations(
             model=self.model, origin=self.executor_id,
             batch_id=f"{self.executor_id}.{next(self._ids)}", stage=1,
-            stages=[s.to_wire() for s in stages], chunks=wire_chunks, hidden=b"", dtype="",
+            stages=list(stages), chunks=wire_chunks, hidden=b"", dtype="",
             shape=[])
         try:
             await self._send_activations(stages[1].executor_id, message, hidden)
@@ -344,11 +350,10 @@ class PipelineWorker:
         for flow, wire in message.errors.items():
             head = self.heads.get(flow)
             if head is not None:
-                error = error_from_wire(wire) if isinstance(wire, dict) else EngineError(str(wire))
-                await self._fail_head(head, error)
+                await self._fail_head(head, wire.exception())
         self._wake.set()
 
-    async def _end_head(self, head: _Head, notify: Sequence[StageSpec]) -> None:
+    async def _end_head(self, head: _Head, notify: Sequence[Stage]) -> None:
         if self.heads.pop(head.flow, None) is None:
             return
         siblings = self.head_of.get(head.request_id, [])
@@ -375,7 +380,7 @@ class PipelineWorker:
         log.warning("pipeline request failed", request_id=head.request_id, error=str(error))
         await self._quiet_publish(head.reply_to, TokenChunk(
             request_id=head.request_id, executor_id=self.executor_id, token_ids=[],
-            finish_reason="error", error=error.to_wire(), via="pipeline"))
+            finish_reason="error", error=WireError.of(error), via="pipeline"))
         await self._end_head(head, notify=head.stages[1:])
 
     # -- later stages ---------------------------------------------------------------------------
@@ -486,7 +491,7 @@ class PipelineWorker:
             keep.append(i)
         return keep, new_params
 
-    def _forward_stage(self, chunks: list[Chunk], hidden: torch.Tensor, me: StageSpec,
+    def _forward_stage(self, chunks: list[Chunk], hidden: torch.Tensor, me: Stage,
                        is_last: bool, new_params: dict[str, SamplingParams]
                        ) -> torch.Tensor | _Sampled:
         for flow, params in new_params.items():
@@ -503,7 +508,7 @@ class PipelineWorker:
                 echo[i] = k
         out = self.runner.forward(chunks, hidden, layers=(me.start, me.stop),
                                   all_logits=bool(echo))
-        prompts: dict[str, list[Any]] = {}
+        prompts: dict[str, list[TokenLogprobs | None]] = {}
         if echo:
             ends = list(itertools.accumulate((c.length for c in chunks), initial=0))
             full = out
@@ -516,7 +521,7 @@ class PipelineWorker:
                     raise InvalidParameter(f"flow {flow_id}: prompt logprobs need the prompt's "
                                            f"{chunks[i].length} token ids, got {len(ids)}")
                 entries = prompt_logprobs(ids, full[ends[i]:ends[i + 1]], k)
-                prompts[flow_id] = [None if e is None else e.to_wire() for e in entries]
+                prompts[flow_id] = entries
         picked = self.sampler.pick([c.request_id for c in chunks], out)
         return _Sampled(picked, prompts)
 
@@ -543,7 +548,7 @@ class PipelineWorker:
             await self._quiet_publish(state.reply_to, TokenChunk(
                 request_id=state.request_id, executor_id=self.executor_id, token_ids=[token],
                 finish_reason=reason, via="pipeline", index=state.index,
-                logprobs=[pick.logprobs.to_wire()] if pick.logprobs is not None else [],
+                logprobs=[pick.logprobs] if pick.logprobs is not None else [],
                 prompt_logprobs=sampled.prompt_logprobs.get(flow_id)))
         if done:
             await self._drop_flows(done)
@@ -558,7 +563,7 @@ class PipelineWorker:
                         error=str(error))
         await self._quiet_publish(subjects.exec_stage(origin), StageTokens(
             model=self.model, sender=self.executor_id, batch_id=batch_id,
-            errors={flow: e.to_wire() for flow, e in errors.items()}))
+            errors={flow: WireError.of(e) for flow, e in errors.items()}))
 
     async def _drop_flows(self, flows: Sequence[str]) -> None:
         gone = [f for f in flows if self.flows.pop(f, None) is not None]

@@ -7,17 +7,27 @@ NATS, and the executor keeps serving.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
 from typing import Any
+
+import msgspec
 
 from shared.engine import SamplingParams
 from shared.errors import ContextTooLong, InvalidParameter, KVCacheFull
+from shared.messages import Stage
 
 
-def sampling_from_wire(raw: Any, vocab_size: int | None = None) -> SamplingParams:
-    """An InferRequest's ``sampling`` map as validated :class:`SamplingParams` (see
-    :meth:`SamplingParams.from_wire`)."""
+def sampling_from_wire(raw: SamplingParams | Any, vocab_size: int | None = None
+                       ) -> SamplingParams:
+    """A request's sampling parameters, validated against this model (InvalidParameter naming
+    the first bad field). The wire gives typed :class:`SamplingParams`; None (a pipeline
+    chunk that carries none) is the defaults; a plain map is read by
+    :meth:`SamplingParams.from_wire`."""
+    if raw is None:
+        raw = SamplingParams()
+    if isinstance(raw, SamplingParams):
+        raw.validate(vocab_size)
+        return raw
     return SamplingParams.from_wire(raw, vocab_size)
 
 
@@ -41,40 +51,27 @@ def check_fits(prompt_len: int, max_model_len: int, row_len: int) -> None:
                           "tokens on this executor", prompt_tokens=prompt_len)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage of an execution pipeline: ``executor_id`` runs layers ``[start, stop)``."""
-
-    executor_id: str
-    start: int
-    stop: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"executor_id": self.executor_id, "start": self.start, "stop": self.stop}
-
-
-def parse_stages(raw: Any, num_layers: int) -> list[StageSpec]:
-    """An InferRequest's ``stages``: contiguous ranges from layer 0 to the last, on distinct
-    executors; InvalidParameter naming the problem otherwise."""
+def parse_stages(raw: Sequence[Stage] | Any, num_layers: int) -> list[Stage]:
+    """An InferRequest's ``stages`` (typed by the wire, or plain maps): contiguous ranges from
+    layer 0 to the last, on distinct executors; InvalidParameter naming the problem
+    otherwise."""
     if not isinstance(raw, list | tuple) or not raw:
         raise InvalidParameter("stages must be a non-empty list")
-    stages: list[StageSpec] = []
+    stages: list[Stage] = []
     expected = 0
     for i, item in enumerate(raw):
-        if not isinstance(item, Mapping):
-            raise InvalidParameter(f"stage {i} must be a map")
-        eid, start, stop = item.get("executor_id"), item.get("start"), item.get("stop")
-        if not isinstance(eid, str) or not eid:
+        try:
+            stage = item if isinstance(item, Stage) else msgspec.convert(item, Stage)
+        except msgspec.ValidationError as exc:
+            raise InvalidParameter(f"stage {i}: {exc}") from exc
+        if not stage.executor_id:
             raise InvalidParameter(f"stage {i}: executor_id must be a non-empty string")
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, stop)):
-            raise InvalidParameter(f"stage {i}: start and stop must be integers")
-        assert isinstance(start, int) and isinstance(stop, int)
-        if start != expected or not start < stop <= num_layers:
+        if stage.start != expected or not stage.start < stage.stop <= num_layers:
             raise InvalidParameter(
-                f"stage {i}: layers [{start}, {stop}) do not continue the pipeline at layer "
-                f"{expected} of {num_layers}")
-        stages.append(StageSpec(eid, start, stop))
-        expected = stop
+                f"stage {i}: layers [{stage.start}, {stage.stop}) do not continue the pipeline "
+                f"at layer {expected} of {num_layers}")
+        stages.append(stage)
+        expected = stage.stop
     if expected != num_layers:
         raise InvalidParameter(f"stages end at layer {expected}; the model has {num_layers}")
     ids = [s.executor_id for s in stages]

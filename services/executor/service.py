@@ -3,8 +3,8 @@ stages — a thin shell over :mod:`loading`, :mod:`inference` and :mod:`pipeline
 
 Wire contract (messages in shared/messages.py, executor section; subjects in shared/subjects):
 
-``exec_ctl(eid)`` — request/reply, body ``{"op": ..., **message}``:
-  * ``{"op": "assign", **AssignModel}`` -> :class:`AssignReply` once the buffer is exposed
+``exec_ctl(eid)`` — request/reply, one of the tagged :data:`~shared.messages.ExecControl`:
+  * :class:`AssignModel` -> :class:`AssignReply` once the buffer is exposed
     (``region``: its descriptor; ``ready_layers``: what it holds already). ``load_from``:
     ``"none"`` (a multicast will write into the region), ``"host"`` (a copy kept at an earlier
     release: loaded before the reply, so ``ready_layers`` is every layer; ModelNotFound when
@@ -16,13 +16,14 @@ Wire contract (messages in shared/messages.py, executor section; subjects in sha
     and nothing stays assigned). ``parts`` (0: config) is the chunks per block the transfer
     uses. An assign replaces whatever was held (no host copy of it is kept); repeating the
     current assignment answers with the current state.
-  * ``{"op": "release", **ReleaseModel, "evict": [models]}`` -> :class:`Ack`. Stops serving:
+  * :class:`ReleaseModel` -> :class:`Ack`. Stops serving:
     requests in flight end at once with an ``error`` TokenChunk (Unavailable; readiness
     saying "no model" is published first, so a router re-dispatches them), a complete copy
     is kept in host memory when ``keep_host_copy`` and it fits ``host_budget_mb`` (LRU
     eviction), ``evict`` names host copies to drop first. Releasing a model that is not
     assigned is a no-op (ok, ``detail`` says so).
-  * ``{"op": "status"}`` -> :class:`ExecutorStatus`.
+  * :class:`StatusQuery` -> :class:`ExecutorStatus`.
+  * :class:`GrantWrite` -> :class:`AssignReply` with a fresh write token (re-driven multicasts).
 ``exec_send(eid)`` — :class:`SendChunks` -> Ack: writes chunks of the assigned copy (only
   blocks it holds: a partial holder relays what it has) or of a kept host copy.
 ``exec_infer(eid)`` — :class:`InferRequest` -> Ack at once, or a typed error: ModelNotFound
@@ -87,6 +88,7 @@ from shared.messages import (
     AssignReply,
     CancelRequest,
     ExecutorStatus,
+    GrantWrite,
     InferRequest,
     LayerReadiness,
     Message,
@@ -94,8 +96,11 @@ from shared.messages import (
     SendChunks,
     StageActivations,
     StageTokens,
+    StatusQuery,
     TokenChunk,
+    WireError,
     decode_any,
+    decode_control,
 )
 from shared.metrics_http import MetricsEndpoint
 from shared.runtime import Service
@@ -231,32 +236,22 @@ class ExecutorService(Service[ExecutorConfig]):
 
     # -- control ------------------------------------------------------------------------------
     async def _ctl(self, body: Any, msg: Msg) -> Any:
-        if not isinstance(body, dict):
-            raise InvalidParameter("exec ctl takes a map with an 'op'")
-        op = body.get("op")
-        if op == "status":
+        control = decode_control(body)
+        if isinstance(control, StatusQuery):
             return self.status()
-        if op == "assign":
-            request = AssignModel.from_wire(body)
+        if isinstance(control, AssignModel):
             async with self._ctl_lock:
-                return await self._assign(request)
-        if op == "grant":
+                return await self._assign(control)
+        if isinstance(control, GrantWrite):
             # a new write token for the region of the copy being filled (a re-driven
             # multicast's senders); only the scaler may ask (NATS permissions)
-            model = body.get("model")
             copy = self.copy
-            if copy is None or copy.model != model:
-                raise ModelNotFound(f"executor {self.id} is not filling {model!r}",
-                                    model=str(model))
+            if copy is None or copy.model != control.model:
+                raise ModelNotFound(f"executor {self.id} is not filling {control.model!r}",
+                                    model=control.model)
             return self._assign_reply(copy)
-        if op == "release":
-            release = ReleaseModel.from_wire(body)
-            evict = body.get("evict") or []
-            if not isinstance(evict, list) or not all(isinstance(m, str) for m in evict):
-                raise InvalidParameter("evict must be a list of model names")
-            async with self._ctl_lock:
-                return await self._release(release, evict)
-        raise InvalidParameter(f"unknown op {op!r}: expected assign, grant, release or status")
+        async with self._ctl_lock:
+            return await self._release(control, control.evict)
 
     def status(self) -> ExecutorStatus:
         copy = self.copy
@@ -267,7 +262,7 @@ class ExecutorService(Service[ExecutorConfig]):
             ready_layers=copy.ready_layers if copy else [],
             host_copies=self.host_copies.names(), running=running, queued=queued,
             kv_used=kv_used, kv_total=kv_total,
-            region=copy.descriptor.to_dict() if copy and copy.descriptor else {},
+            region=copy.descriptor if copy and copy.descriptor else None,
             load_error=copy.load_error if copy else self._last_load_error)
 
     async def _assign(self, request: AssignModel) -> AssignReply:
@@ -339,7 +334,7 @@ class ExecutorService(Service[ExecutorConfig]):
         # the only place a write token leaves this executor: the reply to the scaler, which
         # hands it to the transfer's senders
         return AssignReply(executor_id=self.id, model=copy.model,
-                           region=copy.write_grant().to_dict(), ready_layers=copy.ready_layers)
+                           region=copy.write_grant(), ready_layers=copy.ready_layers)
 
     async def _start_store_load(self, copy: WeightCopy) -> None:
         """Start the store load; fail the assignment if the store refuses at once."""
@@ -605,7 +600,7 @@ class ExecutorService(Service[ExecutorConfig]):
             return Ack(ok=True, detail="local")
         worker = await self._pipeline_worker(copy)
         worker.start_head(request.request_id, request.prompt_token_ids, params,
-                          request.sampling, request.reply_to, stages)
+                          request.reply_to, stages)
         return Ack(ok=True, detail="pipeline")
 
     async def _publish_chunk(self, subject: str, chunk: TokenChunk) -> None:
@@ -643,7 +638,7 @@ class ExecutorService(Service[ExecutorConfig]):
     async def _refuse_stage(self, message: StageActivations, error: LScaleError) -> None:
         reply: Message = StageTokens(model=message.model, sender=self.id,
                                      batch_id=message.batch_id,
-                                     errors={c.flow: error.to_wire() for c in message.chunks})
+                                     errors={c.flow: WireError.of(error) for c in message.chunks})
         with contextlib.suppress(LScaleError):
             await self.bus.publish(subjects.exec_stage(message.origin), reply)
 

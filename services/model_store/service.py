@@ -70,6 +70,7 @@ from shared.errors import (
     BadRequest,
     ChecksumMismatch,
     ConfigError,
+    DecodeError,
     InvalidParameter,
     LScaleError,
     ModelNotFound,
@@ -90,7 +91,6 @@ from shared.model.checkpoint import open_checkpoint
 from shared.model.layout import BlockEntry, ModelManifest, plan_layout
 from shared.model.store_dir import ModelStoreDir, check_model_name
 from shared.runtime import Service
-from shared.transport.base import RegionDescriptor
 
 if TYPE_CHECKING:
     import torch
@@ -186,7 +186,8 @@ class ModelStoreService(Service[StoreConfig]):
             ("add", subjects.STORE_ADD, self._add, AddModel),
             ("remove", subjects.STORE_REMOVE, self._remove, ModelRef),
             ("hf_files", subjects.STORE_HF_FILES, self._hf_files, HfFilesRequest),
-            ("source", subjects.STORE_SOURCE, self._source, SendChunks),
+            # decoded by the handler: a bad target is the request's fault (BadRequest)
+            ("source", subjects.STORE_SOURCE, self._source, None),
         ):
             await self.endpoint(name, subject, handler, message_type=mtype, queue=QUEUE)
         await self.endpoint("status", f"lscale.model_store.{self.id}.status", self._status)
@@ -426,14 +427,17 @@ class ModelStoreService(Service[StoreConfig]):
         return Ack(ok=True, detail=f"removed {name}")
 
     # --- endpoint: source -----------------------------------------------------------------
-    async def _source(self, req: SendChunks, msg: Any) -> Ack:
+    async def _source(self, body: Any, msg: Any) -> Ack:
+        try:
+            req = SendChunks.from_wire(body)
+        except DecodeError as exc:
+            if "$.target" not in exc.message:
+                raise
+            raise BadRequest(f"target is not a region descriptor: {exc.message}") from exc
         entry = await self._entry(req.model)
         manifest = entry.manifest
         plan = plan_chunk_writes(manifest, req.chunks, req.parts)
-        try:
-            target = RegionDescriptor.from_dict(req.target)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BadRequest(f"target is not a region descriptor: {exc!r}") from exc
+        target = req.target
         if target.size < manifest.total_bytes:
             raise InvalidParameter(f"target region {target.region_id!r} holds {target.size} "
                                    f"bytes; model {manifest.name!r} needs {manifest.total_bytes}")

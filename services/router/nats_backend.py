@@ -81,7 +81,7 @@ from services.router.routing import (
     RoutingTable,
 )
 from shared import subjects
-from shared.bus import Bus, Handle, decode
+from shared.bus import Bus, Handle
 from shared.errors import (
     Cancelled,
     EngineError,
@@ -93,9 +93,15 @@ from shared.errors import (
     RequestTimeout,
     ShuttingDown,
     Unavailable,
-    error_from_wire,
 )
-from shared.messages import CancelRequest, InferRequest, LayerReadiness, LoadReport, TokenChunk
+from shared.messages import (
+    CancelRequest,
+    InferRequest,
+    LayerReadiness,
+    LoadReport,
+    Stage,
+    TokenChunk,
+)
 
 log = structlog.get_logger("router.backend")
 
@@ -183,7 +189,7 @@ class _Flight:
     executor_done: set[int] = field(default_factory=set)  # ... as the executor said
     prompt_logprobs_seen: bool = False
     ttft_recorded: bool = False
-    first_wire: dict[str, Any] | None = None  # the sampling map of a first dispatch
+    first_wire: SamplingParams | None = None  # the sampling of a first dispatch
 
     def tokens_of(self, index: int) -> list[int]:
         if index == 0:
@@ -550,7 +556,7 @@ class NatsBackend:
             # a first dispatch: the request's own parameters (the map built once)
             if flight.first_wire is None:
                 flight.first_wire = dataclasses.replace(
-                    s, stop_token_ids=tuple(sorted(flight.stop_ids))).to_wire()
+                    s, stop_token_ids=tuple(sorted(flight.stop_ids)))
             sampling = flight.first_wire
         else:
             # a re-dispatched request continues: its tokens so far join the prompt
@@ -559,11 +565,10 @@ class NatsBackend:
                 min_tokens=max(0, s.min_tokens - len(flight.generated)),
                 stop_token_ids=tuple(sorted(flight.stop_ids)),
                 prompt_logprobs=None if flight.prompt_logprobs_seen else s.prompt_logprobs,
-            ).to_wire()
-        stages: list[dict[str, Any]] = []
+            )
+        stages: list[Stage] = []
         if route.kind is RouteKind.PIPELINE and route.pipeline is not None:
-            stages = [{"executor_id": st.executor_id, "start": st.start, "stop": st.stop}
-                      for st in route.pipeline.stages]
+            stages = list(route.pipeline.stages)
         return InferRequest(
             request_id=flight.request_id, model=flight.model,
             prompt_token_ids=flight.prompt + flight.generated, sampling=sampling,
@@ -580,7 +585,7 @@ class NatsBackend:
         if flight is None or attempt != str(flight.attempt):
             return  # finished, or a chunk of a route this request has left
         try:
-            chunk = TokenChunk.from_wire(decode(msg.data))
+            chunk = TokenChunk.decode(msg.data)
         except LScaleError as exc:
             log.warning("undecodable token chunk", subject=msg.subject, error=str(exc))
             return
@@ -613,8 +618,7 @@ class NatsBackend:
         prompt_lp: tuple[TokenLogprobs | None, ...] | None = None
         if chunk.prompt_logprobs is not None and not flight.prompt_logprobs_seen:
             flight.prompt_logprobs_seen = True
-            prompt_lp = tuple(None if e is None else TokenLogprobs.from_wire(e)
-                              for e in chunk.prompt_logprobs)
+            prompt_lp = tuple(chunk.prompt_logprobs)
         for i, token in enumerate(chunk.token_ids):
             tokens.append(token)
             reason: FinishReason | None = None
@@ -629,7 +633,7 @@ class NatsBackend:
                 if i == last and chunk.finish_reason is not None:
                     flight.executor_done.add(index)
             yield TokenEvent(token, reason, index,
-                             TokenLogprobs.from_wire(logprobs[i]) if logprobs else None,
+                             logprobs[i] if logprobs else None,
                              prompt_lp)
             prompt_lp = None
             if reason is not None:
@@ -876,7 +880,7 @@ class NatsBackend:
 
 def _chunk_error(chunk: TokenChunk) -> LScaleError:
     if chunk.error is not None:
-        return error_from_wire(chunk.error)
+        return chunk.error.exception()
     return EngineError(f"executor {chunk.executor_id} ended request {chunk.request_id} with "
                        f"finish reason {chunk.finish_reason!r}")
 

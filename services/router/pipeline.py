@@ -45,27 +45,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shared.errors import InvalidParameter
+from shared.messages import Stage
+
+__all__ = ["Pipeline", "PipelinePlan", "PlanDiff", "Stage", "build_plan", "diff_plans"]
 
 LayerSpec = Iterable[int | range | tuple[int, int]]
 """Ready layers of one executor: layer indices, ``range`` objects, or ``(start, stop)`` pairs."""
 
 DEFAULT_MAX_SEARCH_STATES = 50_000
-
-
-@dataclass(frozen=True, order=True)
-class Stage:
-    """One executor serving layers ``[start, stop)`` of a pipeline."""
-
-    executor_id: str
-    start: int
-    stop: int
-
-    @property
-    def num_layers(self) -> int:
-        return self.stop - self.start
-
-    def __str__(self) -> str:
-        return f"{self.executor_id}[{self.start},{self.stop})"
 
 
 @dataclass(frozen=True)

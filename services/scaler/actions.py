@@ -47,7 +47,17 @@ from services.scaler.reconcile import (
 from shared import subjects
 from shared.errors import BusError, LScaleError, NoResponders, PlanError, RequestTimeout
 from shared.kv import kv_delete, kv_put
-from shared.messages import AssignModel, AssignReply, Event, ExecutorStatus, ReleaseModel, replace
+from shared.messages import (
+    AssignModel,
+    AssignReply,
+    Event,
+    ExecutorStatus,
+    GrantWrite,
+    RegionDescriptor,
+    ReleaseModel,
+    StatusQuery,
+    replace,
+)
 from shared.model.layout import manifest_weights_digest
 from shared.runtime import Service
 
@@ -166,10 +176,10 @@ class ScalerActions(Service[ScalerConfig]):
         self._publish(action_event(action, started, self._source))
         # a multicast receiver waits for the multicast ("none"), whatever its sources' tier;
         # a local load reads its own host copy or local disk
-        body = {"op": "assign", **AssignModel(
+        body = AssignModel(
             model=action.model, manifest=manifest,
             load_from=action.load_from if action.load_from in (LOAD_HOST, LOAD_DISK) else "none",
-            transport=self.config.transport, parts=self.config.multicast_parts).to_wire()}
+            transport=self.config.transport, parts=self.config.multicast_parts)
         try:
             reply = await self.bus.request(subjects.exec_ctl(eid), body, reply_type=AssignReply,
                                            timeout=self.config.assign_timeout_s)
@@ -222,7 +232,7 @@ class ScalerActions(Service[ScalerConfig]):
     async def _start_transfer(self, launch: core.MulticastLaunch) -> LScaleError | None:
         """Ask the transfer service for ``launch`` and publish what came of it (the error)."""
         try:
-            reply = await self.bus.request(subjects.TRANSFER_START, launch.body(),
+            reply = await self.bus.request(subjects.TRANSFER_START, launch.start,
                                            timeout=self.config.transfer_timeout_s)
         except LScaleError as exc:
             self.log.warning("multicast failed", key=launch.key, error=exc.message)
@@ -249,9 +259,8 @@ class ScalerActions(Service[ScalerConfig]):
             draining = dataclasses.replace(record, state=InstanceState.DRAINING)
             await self._kv_put(self.instances_kv, draining.kv_key, draining.to_dict())
             self._since[eid] = time.time()
-            body = {"op": "release",
-                    **ReleaseModel(model=record.model, keep_host_copy=keep_host_copy).to_wire(),
-                    "evict": list(evict)}
+            body = ReleaseModel(model=record.model, keep_host_copy=keep_host_copy,
+                                evict=list(evict))
             await self.bus.request(subjects.exec_ctl(eid), body,
                                    timeout=self.config.release_timeout_s)
         except NoResponders:
@@ -367,21 +376,21 @@ class ScalerActions(Service[ScalerConfig]):
         finally:
             self._inflight.difference_update(launch.receivers)
 
-    async def _write_grant(self, executor_id: str, model: str) -> dict[str, Any]:
-        """A region descriptor with a fresh write token ({} when the executor refuses)."""
+    async def _write_grant(self, executor_id: str, model: str) -> RegionDescriptor | None:
+        """A region descriptor with a fresh write token (None when the executor refuses)."""
         try:
             reply = await self.bus.request(subjects.exec_ctl(executor_id),
-                                           {"op": "grant", "model": model},
+                                           GrantWrite(model=model),
                                            reply_type=AssignReply,
                                            timeout=self.config.assign_timeout_s)
         except LScaleError as exc:
             self.log.info("no write grant", executor=executor_id, model=model, error=str(exc))
-            return {}
-        return dict(reply.region) if reply.region.get("token") else {}
+            return None
+        return reply.region if reply.region.token else None
 
     async def _status_of(self, executor_id: str) -> ExecutorStatus | None:
         try:
-            status = await self.bus.request(subjects.exec_ctl(executor_id), {"op": "status"},
+            status = await self.bus.request(subjects.exec_ctl(executor_id), StatusQuery(),
                                             reply_type=ExecutorStatus,
                                             timeout=self.config.release_timeout_s)
         except LScaleError as exc:

@@ -62,7 +62,7 @@ from services.scaler.reconcile import (
     reconcile,
     settle_pending,
 )
-from shared.messages import Event, LoadReport, StartTransfer, replace
+from shared.messages import Event, LoadReport, RegionDescriptor, StartTransfer, replace
 from shared.model.layout import manifest_weights_digest
 
 # --- the store's answers ------------------------------------------------------------------
@@ -556,11 +556,6 @@ class MulticastLaunch:
     def receivers(self) -> list[str]:
         return list(self.start.receivers)
 
-    def body(self) -> dict[str, Any]:
-        # Extra fields (ignored by decoders that do not know them) say why, for logs.
-        return {**self.start.to_wire(), "source_tier": self.request.source_tier.value,
-                "deployment": self.deployment, "key": self.key}
-
     def _data(self, **extra: Any) -> dict[str, Any]:
         data = {"deployment": self.deployment, "key": self.key, **extra}
         if self.redrive:
@@ -580,7 +575,7 @@ class MulticastLaunch:
 
 
 def build_multicast(deployment: str, key: str, request: MulticastRequest,
-                    regions: Mapping[str, dict[str, Any]], num_blocks: int, parts: int, *,
+                    regions: Mapping[str, RegionDescriptor], num_blocks: int, parts: int, *,
                     redrive: bool = False) -> MulticastLaunch | None:
     """The multicast to the receivers of ``request`` that have a region (None: none has)."""
     receivers = [r for r in request.receivers if r in regions]
@@ -588,8 +583,9 @@ def build_multicast(deployment: str, key: str, request: MulticastRequest,
         return None
     live = dataclasses.replace(request, receivers=tuple(receivers))
     start = StartTransfer(model=request.model, sources=list(request.sources),
-                          receivers=receivers, regions={r: dict(regions[r]) for r in receivers},
-                          num_blocks=num_blocks, parts=parts, strategy=request.strategy)
+                          receivers=receivers, regions={r: regions[r] for r in receivers},
+                          num_blocks=num_blocks, parts=parts, strategy=request.strategy,
+                          source_tier=request.source_tier.value, deployment=deployment, key=key)
     return MulticastLaunch(deployment, key, live, start, redrive)
 
 

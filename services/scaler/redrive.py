@@ -15,7 +15,7 @@ So every reconcile tick the shell asks three questions, each answered here witho
    none running that names the receiver, and none that started after the row and completed
    that receiver;
 3. :func:`redrive_receivers` — given each receiver's own status (``exec_ctl``
-   ``{"op": "status"}``), which still hold that model's weight buffer (its region) and lack
+   :class:`~shared.messages.StatusQuery`), which still hold that model's weight buffer (its region) and lack
    layers; the shell multicasts to those, sources chosen by
    :func:`~services.scaler.placement.plan_multicast` as for any scale-out. Nobody is assigned
    again: the receivers keep the buffers they were assigned, the multicast only fills them.
@@ -30,7 +30,7 @@ from typing import Any
 
 from services.scaler.observe import Observation
 from services.scaler.reconcile import InstanceRecord, InstanceState
-from shared.messages import ExecutorStatus
+from shared.messages import ExecutorStatus, RegionDescriptor
 
 # A transfer counts for a row only if it started after the row was written (minus this much
 # for clocks of different hosts): an older one filled an earlier assignment's buffer.
@@ -133,17 +133,17 @@ def uncovered(rows: list[InstanceRecord], transfers: list[TransferInfo]) -> list
 
 def redrive_receivers(
     rows: list[InstanceRecord], statuses: Mapping[str, ExecutorStatus | None]
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, RegionDescriptor]:
     """Receiver -> region descriptor for the rows whose executor (its status reply) still
     exposes a buffer for the row's model and lacks some layer."""
-    regions: dict[str, dict[str, Any]] = {}
+    regions: dict[str, RegionDescriptor] = {}
     for record in rows:
         status = statuses.get(record.executor_id)
-        if status is None or status.model != record.model or not status.region:
+        if status is None or status.model != record.model or status.region is None:
             continue
         if status.num_layers > 0 and set(range(status.num_layers)) <= set(status.ready_layers):
             continue  # it is whole: readiness is on its way
-        regions[record.executor_id] = dict(status.region)
+        regions[record.executor_id] = status.region
     return regions
 
 

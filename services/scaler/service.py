@@ -11,17 +11,17 @@ Loading rows no multicast feeds are re-driven (:mod:`services.scaler.redrive`).
 
 Wire contract (messages in ``shared/messages.py``):
 
-* executor ``exec_ctl(eid)``: ``{"op": "assign", **AssignModel}`` -> :class:`AssignReply`
-  (``region``: where senders write; ``load_from`` ``"none"`` (a multicast fills it) or
-  ``"host"`` (its own host copy)); a typed error means "not assigned" (the row is deleted, the
-  executor rests ``retry_backoff_s``), a timeout leaves the row to housekeeping.
-  ``{"op": "release", **ReleaseModel, "evict": [models]}`` -> an ok reply (``evict``: host
-  copies the accountant expects dropped); ``{"op": "status"}`` -> :class:`ExecutorStatus`;
-  ``{"op": "grant", "model": m}`` -> :class:`AssignReply` with a fresh write token.
+* executor ``exec_ctl(eid)``, one of :data:`~shared.messages.ExecControl`:
+  :class:`AssignModel` -> :class:`AssignReply` (``region``: where senders write; ``load_from``
+  ``"none"`` (a multicast fills it) or ``"host"`` (its own host copy)); a typed error means
+  "not assigned" (the row is deleted, the executor rests ``retry_backoff_s``), a timeout leaves
+  the row to housekeeping. :class:`ReleaseModel` (``evict``: host copies the accountant expects
+  dropped) -> an ok reply; :class:`StatusQuery` -> :class:`ExecutorStatus`;
+  :class:`GrantWrite` -> :class:`AssignReply` with a fresh write token.
   Executors publish metrics (:data:`observe.METRIC_KEYS`) and :class:`LayerReadiness`.
 * transfer ``TRANSFER_STATUS`` ``{"model": m}`` -> ``{transfer_id: {"state", "model",
-  "receivers", "started", "completed"}}``; ``TRANSFER_START``: :class:`StartTransfer` plus
-  ``source_tier``, ``deployment``, ``key`` (:func:`core.build_multicast`) -> an ok reply with
+  "receivers", "started", "completed"}}``; ``TRANSFER_START``: :class:`StartTransfer`
+  (:func:`core.build_multicast`; ``source_tier``, ``deployment``, ``key`` say why) -> ok, with
   ``transfer_id``; an error releases the receivers and rests the deployment's scale-out.
 * store ``STORE_GET`` ``{"name": model}`` -> the manifest map (``in_memory: true`` when the
   store's memory tier holds it) or ``ModelNotFound``; no answer blocks scale-out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import metrics_schema as ms
+from shared.messages import RegionDescriptor
 from shared.model.layout import BlockEntry
 from shared.transport.peer import part_range
 
@@ -43,16 +44,16 @@ class MulticastProgress:
 
     @classmethod
     def start(cls, model: str, strategy: str, receivers: Sequence[str], num_chunks: int,
-              regions: Mapping[str, Mapping[str, Any]]) -> MulticastProgress:
+              regions: Mapping[str, RegionDescriptor]) -> MulticastProgress:
         region_bytes = {}
         for r in receivers:
-            size = regions.get(r, {}).get("size")
-            region_bytes[r] = size if isinstance(size, int) and size >= 0 else 0
+            region = regions.get(r)
+            region_bytes[r] = max(region.size, 0) if region is not None else 0
         return cls(model, strategy, num_chunks, region_bytes,
                    landed={r: set() for r in receivers})
 
     def add_receivers(self, receivers: Sequence[str],
-                      regions: Mapping[str, Mapping[str, Any]]) -> None:
+                      regions: Mapping[str, RegionDescriptor]) -> None:
         """Receivers that joined the running multicast (a later scale-out wave)."""
         joined = MulticastProgress.start(self.model, self.strategy, receivers, self.num_chunks,
                                          regions)

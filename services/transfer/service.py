@@ -49,7 +49,14 @@ from shared.errors import (
     TransferNotFound,
     TransportError,
 )
-from shared.messages import Ack, SendChunks, StartTransfer, TransferProgress, TransferStarted
+from shared.messages import (
+    Ack,
+    RegionDescriptor,
+    SendChunks,
+    StartTransfer,
+    TransferProgress,
+    TransferStarted,
+)
 from shared.runtime import Service
 
 STORE_SOURCE_ID = "store"
@@ -71,7 +78,7 @@ class _Running:
     req: StartTransfer
     plan: MulticastPlan
     driver: TransferDriver
-    regions: dict[str, dict[str, Any]]
+    regions: dict[str, RegionDescriptor]
 
 
 class TransferService(Service[ServiceConfig]):
@@ -201,7 +208,7 @@ class TransferService(Service[ServiceConfig]):
                                 receivers=tracker.receivers())
             await asyncio.sleep(PROGRESS_EVENT_INTERVAL_S)
 
-    def _sender(self, tid: str, req: StartTransfer, regions: dict[str, dict[str, Any]]
+    def _sender(self, tid: str, req: StartTransfer, regions: dict[str, RegionDescriptor]
                 ) -> Callable[[Edge], Awaitable[None]]:
         """The driver's ``send``: one ``SendChunks`` request to the edge's sender.
         ``regions`` grows when receivers join."""

@@ -15,38 +15,11 @@ Implementations: ``tcp`` (portable default), ``shm`` (same host), ``rdma`` (pyve
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
+from shared.messages import RegionDescriptor
 
-@dataclass(frozen=True)
-class RegionDescriptor:
-    """What a writer needs to reach a region. Travels over NATS as a plain dict."""
-
-    transport: str  # "tcp" | "shm" | "rdma"
-    region_id: str
-    size: int
-    token: str  # secret: a write without it is refused
-    address: dict[str, Any] = field(default_factory=dict)  # host/port, shm name, rdma qp info
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"transport": self.transport, "region_id": self.region_id, "size": self.size,
-                "token": self.token, "address": dict(self.address)}
-
-    def public(self) -> RegionDescriptor:
-        """The same region without a write token: safe in status replies and logs."""
-        return RegionDescriptor(self.transport, self.region_id, self.size, "", dict(self.address))
-
-    def with_token(self, token: str) -> RegionDescriptor:
-        return RegionDescriptor(self.transport, self.region_id, self.size, token,
-                                dict(self.address))
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> RegionDescriptor:
-        return cls(transport=str(raw["transport"]), region_id=str(raw["region_id"]),
-                   size=int(raw["size"]), token=str(raw["token"]),
-                   address=dict(raw.get("address") or {}))
-
+__all__ = ["Admit", "OnWrite", "RegionDescriptor", "RegionServer", "RegionWriter"]
 
 # Called by the region's owner after a write of [offset, offset+length) has fully landed.
 OnWrite = Callable[[str, int, int, int], Awaitable[None] | None]  # (region_id, offset, length, tag)

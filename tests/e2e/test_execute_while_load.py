@@ -131,8 +131,8 @@ async def test_burst_is_served_through_pipelines_before_any_copy_completes(
             assert routed[rid]["via"] == "pipeline", routed[rid]
             assert routed[rid]["attempt"] == 1 and len(routed[rid]["executors"]) >= 2
             (_, target, request), = tap.requests[rid]
-            assert request.stages and target == request.stages[0]["executor_id"]
-            assert [st["executor_id"] for st in request.stages] == routed[rid]["executors"]
+            assert request.stages and target == request.stages[0].executor_id
+            assert [st.executor_id for st in request.stages] == routed[rid]["executors"]
             assert tap.vias(rid) == {"pipeline"}
             finished = tap.finished_at(rid)
             assert finished is not None and finished < first_complete.at, (

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import pytest_asyncio
 import torch
@@ -26,13 +27,16 @@ from shared.messages import (
     AssignReply,
     InferRequest,
     LayerReadiness,
+    RegionDescriptor,
     SendChunks,
+    Stage,
     TokenChunk,
 )
 from shared.model.layout import ModelManifest
 from shared.model.store_dir import ModelStoreDir
 from shared.model.tiny import TinySpec, create_tiny
 from shared.natsserver import NatsServer
+from shared.sampling import SamplingParams
 from shared.transport.peer import DataPlanePeer, serve_send_chunks
 
 MODEL = "tiny"
@@ -115,9 +119,11 @@ class StoreSource:
         result: Ack = await serve_send_chunks(await self.peer(request.parts), request)
         return result
 
-    async def send_blocks(self, region: dict[str, Any], blocks: list[int], parts: int = 1) -> None:
+    async def send_blocks(self, region: RegionDescriptor | None, blocks: list[int],
+                          parts: int = 1) -> None:
         """Act as the transfer service would: write these blocks into a region."""
         peer = await self.peer(parts)
+        assert region is not None
         for block in blocks:
             for part in range(parts):
                 await peer.send_chunk(region, block * parts + part)
@@ -165,8 +171,8 @@ async def make_executor(nats_server: NatsServer) -> AsyncIterator[MakeExecutor]:
 
 async def assign(bus: Bus, executor_id: str, model: TinyModel, load_from: str = "none",
                  **fields: Any) -> AssignReply:
-    body = {"op": "assign", **AssignModel(model=model.name, manifest=model.manifest.to_dict(),
-                                          load_from=load_from, **fields).to_wire()}
+    body = AssignModel(model=model.name, manifest=model.manifest.to_dict(),
+                       load_from=load_from, **fields)
     return await bus.request(subjects.exec_ctl(executor_id), body, reply_type=AssignReply,
                              timeout=10)
 
@@ -215,7 +221,9 @@ class Stream:
 
     @property
     def error(self) -> dict[str, Any] | None:
-        return self.chunks[-1].error if self.chunks else None
+        """The ending error as its wire map (code, message, details)."""
+        error = self.chunks[-1].error if self.chunks else None
+        return msgspec.to_builtins(error) if error is not None else None
 
     async def wait(self, timeout: float = 20) -> Stream:
         await asyncio.wait_for(self.done.wait(), timeout)
@@ -244,14 +252,15 @@ async def open_stream(bus: Bus, subject: str) -> Stream:
 
 
 async def infer(bus: Bus, executor_id: str, request_id: str, prompt: list[int], *,
-                max_tokens: int = 8, stages: list[dict[str, Any]] | None = None,
+                max_tokens: int = 8, stages: list[Stage] | None = None,
                 **sampling: Any) -> Stream:
     """Send an InferRequest (greedy, ignore_eos unless given) and return its token stream."""
     reply_to = f"test.tokens.{request_id}"
     stream = await open_stream(bus, reply_to)
     params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, **sampling}
     request = InferRequest(request_id=request_id, model=MODEL, prompt_token_ids=prompt,
-                           sampling=params, reply_to=reply_to, stages=stages or [])
+                           sampling=SamplingParams.from_wire(params), reply_to=reply_to,
+                           stages=stages or [])
     await bus.request(subjects.exec_infer(executor_id), request, reply_type=Ack, timeout=10)
     return stream
 

@@ -19,7 +19,15 @@ from shared.errors import (
     ModelNotFound,
     NoResponders,
 )
-from shared.messages import Ack, ExecutorStatus, InferRequest, ReleaseModel, SendChunks
+from shared.messages import (
+    Ack,
+    ExecutorStatus,
+    InferRequest,
+    ReleaseModel,
+    SendChunks,
+    StatusQuery,
+)
+from shared.sampling import SamplingParams
 from tests.executor.conftest import (
     CONTEXT,
     NUM_LAYERS,
@@ -36,14 +44,13 @@ ALL_LAYERS = list(range(NUM_LAYERS))
 
 
 async def status(bus: Bus, executor_id: str) -> ExecutorStatus:
-    return await bus.request(subjects.exec_ctl(executor_id), {"op": "status"},
+    return await bus.request(subjects.exec_ctl(executor_id), StatusQuery(),
                              reply_type=ExecutorStatus)
 
 
 async def release(bus: Bus, executor_id: str, model: str, keep: bool,
                   evict: list[str] | None = None) -> Ack:
-    body = {"op": "release", **ReleaseModel(model=model, keep_host_copy=keep).to_wire(),
-            "evict": evict or []}
+    body = ReleaseModel(model=model, keep_host_copy=keep, evict=evict or [])
     return await bus.request(subjects.exec_ctl(executor_id), body, reply_type=Ack, timeout=10)
 
 
@@ -165,17 +172,18 @@ async def test_bad_input_gets_typed_errors_and_the_executor_keeps_serving(
 
     ctl = subjects.exec_ctl("e1")
     bad_ctl: list[tuple[Any, type[LScaleError]]] = [
-        ({"op": "explode"}, InvalidParameter),
-        (["op", "status"], InvalidParameter),
-        ({"op": "assign", "model": tiny.name}, DecodeError),  # no manifest
-        ({"op": "assign", "model": tiny.name, "manifest": {"blocks": 3}}, CheckpointError),
-        ({"op": "assign", "model": tiny.name, "manifest": {"format_version": 1, "blocks": 3}},
+        ({"t": "explode"}, InvalidParameter),
+        ({"model": tiny.name}, InvalidParameter),  # no control message tag
+        (["t", "exec.ctl.status"], InvalidParameter),
+        ({"t": "exec.assign", "model": tiny.name}, DecodeError),  # no manifest
+        ({"t": "exec.assign", "model": tiny.name, "manifest": {"blocks": 3}}, CheckpointError),
+        ({"t": "exec.assign", "model": tiny.name,
+          "manifest": {"format_version": 1, "blocks": 3}}, InvalidParameter),
+        ({"t": "exec.assign", "model": "other", "manifest": tiny.manifest.to_dict()},
          InvalidParameter),
-        ({"op": "assign", "model": "other", "manifest": tiny.manifest.to_dict()},
-         InvalidParameter),
-        ({"op": "assign", "model": tiny.name, "manifest": tiny.manifest.to_dict(),
+        ({"t": "exec.assign", "model": tiny.name, "manifest": tiny.manifest.to_dict(),
           "load_from": "tape"}, InvalidParameter),
-        ({"op": "release", "model": tiny.name, "evict": "all"}, InvalidParameter),
+        ({"t": "exec.release", "model": tiny.name, "evict": "all"}, InvalidParameter),
     ]
     for body, error in bad_ctl:
         with pytest.raises(error):
@@ -200,7 +208,7 @@ async def test_bad_input_gets_typed_errors_and_the_executor_keeps_serving(
                      {"executor_id": "e1", "start": 2, "stop": NUM_LAYERS}]}, InvalidParameter),
     ]
     good = InferRequest(request_id="x", model=tiny.name, prompt_token_ids=prompt,
-                        sampling={"max_tokens": 3}, reply_to="test.nowhere").to_wire()
+                        sampling=SamplingParams(max_tokens=3), reply_to="test.nowhere").to_wire()
     for i, (change, error) in enumerate(bad_requests):
         body = {**good, "request_id": f"bad{i}", **change}
         with pytest.raises(error):
@@ -236,8 +244,8 @@ async def test_a_re_dispatched_request_replaces_the_attempt_still_running_here(
         reply_to = f"test.tokens.redo.{n}"
         stream = await open_stream(bus, reply_to)
         request = InferRequest(request_id="redo", model=tiny.name, prompt_token_ids=prompt,
-                               sampling={"max_tokens": max_tokens, "temperature": 0.0,
-                                         "ignore_eos": True}, reply_to=reply_to)
+                               sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                       ignore_eos=True), reply_to=reply_to)
         await bus.request(subjects.exec_infer("e1"), request, reply_type=Ack, timeout=10)
         return stream
 

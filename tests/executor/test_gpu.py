@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from shared.bus import Bus
+from shared.messages import Stage
 from tests.executor.conftest import (
     NUM_LAYERS,
     MakeExecutor,
@@ -47,8 +48,7 @@ async def test_cuda_executor_local_and_pipeline_match_transformers(
     prompt = prompt_of(16, seed=40)
     expected = tiny.greedy(prompt, 12)
     local = await (await infer(bus, "g0", "l", prompt, max_tokens=12)).wait()
-    stages = [{"executor_id": "g1", "start": 0, "stop": 2},
-              {"executor_id": "g2", "start": 2, "stop": NUM_LAYERS}]
+    stages = [Stage("g1", 0, 2), Stage("g2", 2, NUM_LAYERS)]
     piped = await (await infer(bus, "g1", "p", prompt, max_tokens=12, stages=stages)).wait()
     assert local.tokens == expected and piped.tokens == expected
     assert {c.via for c in piped.chunks} == {"pipeline"}

@@ -7,7 +7,7 @@ from typing import Any
 
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import CancelRequest, ExecutorStatus
+from shared.messages import CancelRequest, ExecutorStatus, StatusQuery
 from shared.metrics_schema import EXEC_KV_USED, EXEC_READY_LAYERS, layer_set
 from tests.executor.conftest import (
     NUM_LAYERS,
@@ -23,7 +23,7 @@ from tests.executor.conftest import (
 
 
 async def status(bus: Bus, executor_id: str) -> ExecutorStatus:
-    return await bus.request(subjects.exec_ctl(executor_id), {"op": "status"},
+    return await bus.request(subjects.exec_ctl(executor_id), StatusQuery(),
                              reply_type=ExecutorStatus)
 
 
@@ -33,7 +33,7 @@ async def test_store_load_publishes_readiness_and_greedy_matches_transformers(
     ready = await Readiness.watch(bus, "e1")
     reply = await assign(bus, "e1", tiny, load_from="store", parts=2)
     assert reply.executor_id == "e1" and reply.model == tiny.name
-    assert reply.region["transport"] == "tcp" and reply.region["size"] == tiny.manifest.total_bytes
+    assert reply.region.transport == "tcp" and reply.region.size == tiny.manifest.total_bytes
     await ready.until(lambda e: e.complete)
     # blocks arrive in order: readiness grows layer by layer before the copy is complete
     partial = [e.ready_layers for e in ready.events if e.model == tiny.name and not e.complete]

@@ -11,7 +11,7 @@ from services.executor.service import ExecutorService
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import LayersNotReady
-from shared.messages import CancelRequest
+from shared.messages import CancelRequest, Stage
 from tests.executor.conftest import (
     NUM_LAYERS,
     MakeExecutor,
@@ -25,8 +25,7 @@ from tests.executor.conftest import (
 )
 
 HALF = NUM_LAYERS // 2
-STAGES = [{"executor_id": "a", "start": 0, "stop": HALF},
-          {"executor_id": "b", "start": HALF, "stop": NUM_LAYERS}]
+STAGES = [Stage("a", 0, HALF), Stage("b", HALF, NUM_LAYERS)]
 
 
 async def two_halves(bus: Bus, store: StoreSource, tiny: TinyModel, make: MakeExecutor,
@@ -115,8 +114,7 @@ async def test_a_stage_without_its_layers_ends_the_request_with_an_error(
     await ready_a.until(lambda e: e.ready_layers == [0, 1])
     with pytest.raises(LayersNotReady):  # stage 0's own layers are checked before the ack
         await infer(bus, "b", "x", prompt_of(4, seed=1), stages=[
-            {"executor_id": "b", "start": 0, "stop": 3},
-            {"executor_id": "a", "start": 3, "stop": NUM_LAYERS}])
+            Stage("b", 0, 3), Stage("a", 3, NUM_LAYERS)])
     stream = await (await infer(bus, "a", "p", prompt_of(5, seed=23), stages=STAGES)).wait()
     assert stream.finish_reason == "error" and stream.error is not None
     assert stream.error["code"] == "layers_not_ready"
@@ -170,12 +168,14 @@ async def test_logprobs_and_n_through_a_pipeline_equal_a_whole_model(
     (prompt_lp,) = [c.prompt_logprobs for c in stream.chunks if c.prompt_logprobs is not None]
     assert len(prompt_lp) == len(prompt) and prompt_lp[0] is None
     for i in range(1, len(prompt)):
-        value, top = prompt_lp[i]
+        entry = prompt_lp[i]
+        assert entry is not None
+        value, top = entry.logprob, entry.top
         assert abs(value - reference[i - 1, prompt[i]].item()) <= 1e-4
         assert [t for t, _ in top] == torch.topk(reference[i - 1], 2).indices.tolist()
     entries = [e for c in stream.chunks for e in c.logprobs]
     assert len(entries) == 4
-    for j, (value, top) in enumerate(entries):
+    for j, (value, top) in enumerate((e.logprob, e.top) for e in entries):
         row = reference[len(prompt) - 1 + j]
         assert abs(value - row[generated[j]].item()) <= 1e-4 and len(top) == 3
         assert abs(top[0][1] - row.max().item()) <= 1e-4

@@ -20,7 +20,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.config import load_config
 from shared.errors import ConfigError
-from shared.messages import Event, LoadReport, MetricsSnapshot
+from shared.messages import Event, LoadReport, MetricsSnapshot, Stage
 from shared.natsserver import NatsServer
 from tests.router.fake_executor import (
     FakeExecutor,
@@ -161,7 +161,7 @@ async def test_completions_and_chat_through_a_local_executor(
     done = await api.completions.create(model=MODEL, prompt="hello router", max_tokens=7)
     sent = ex.requests[-1]
     assert sent.prompt_token_ids == tokenizer("hello router").input_ids
-    assert sent.stages == [] and sent.sampling["max_tokens"] == 7
+    assert sent.stages == [] and sent.sampling.max_tokens == 7
     assert sent.reply_to.startswith(subjects.router_tokens(router.id) + ".")
     want = expected_reply(sent.prompt_token_ids, 7)
     assert done.choices[0].text == tokenizer.decode(want)
@@ -198,7 +198,7 @@ async def test_eos_token_ends_the_reply_with_stop(
     await wait_routable(router, local=1)
     done = await api.completions.create(model=MODEL, prompt="abc", max_tokens=20)
     sent = ex.requests[-1]
-    assert tokenizer.eos_token_id in sent.sampling["stop_token_ids"]
+    assert tokenizer.eos_token_id in sent.sampling.stop_token_ids
     assert done.choices[0].finish_reason == "stop"
     assert done.usage is not None and done.usage.completion_tokens == 4  # 3 tokens + EOS
 
@@ -215,8 +215,7 @@ async def test_pipeline_over_partial_executors_then_local_when_complete(
     done = await api.completions.create(model=MODEL, prompt="pipelines", max_tokens=5)
     assert back.requests == []  # the request enters stage 1 only
     sent = front.requests[-1]
-    assert sent.stages == [{"executor_id": "pa", "start": 0, "stop": 2},
-                           {"executor_id": "pb", "start": 2, "stop": 4}]
+    assert sent.stages == [Stage("pa", 0, 2), Stage("pb", 2, 4)]
     assert done.choices[0].text == tokenizer.decode(expected_reply(sent.prompt_token_ids, 5))
     routed = await events.wait_for(lambda e: e.kind == "request.routed"
                                    and e.data["request_id"] == sent.request_id)
@@ -306,7 +305,7 @@ async def test_executor_vanishing_mid_request_is_redispatched(
     done_before = len(resumed.prompt_token_ids) - len(original.prompt_token_ids)
     assert done_before >= 5
     assert resumed.prompt_token_ids[: len(original.prompt_token_ids)] == original.prompt_token_ids
-    assert resumed.sampling["max_tokens"] == 60 - done_before
+    assert resumed.sampling.max_tokens == 60 - done_before
     # the continuation is what the whole reply would have been: nothing lost, nothing doubled
     assert "".join(text) == tokenizer.decode(expected_reply(original.prompt_token_ids, 60))
     assert reason == "length"

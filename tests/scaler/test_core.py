@@ -26,7 +26,8 @@ from services.scaler.reconcile import (
     ReconcileResult,
     StartMulticast,
 )
-from shared.messages import LoadReport, StartTransfer
+from shared.bus import encode
+from shared.messages import LoadReport, RegionDescriptor, StartTransfer
 
 NOW = 1000.0
 SPEC = DeploymentSpec(name="d", model="m", min_instances=0, max_instances=4,
@@ -243,15 +244,15 @@ def test_a_provisioner_start_ends_the_starting_flag() -> None:
 def test_the_multicast_goes_to_the_receivers_with_a_region_only() -> None:
     request = MulticastRequest("m", ("e0", "store"), ("e1", "e2", "e3"), Tier.GPU,
                                strategy="lambdapipe")
-    regions = {"e1": {"kind": "tcp", "port": 1}, "e3": {"kind": "tcp", "port": 3}}
+    regions = {"e1": RegionDescriptor("tcp", "w1", 8, "t1", {"port": 1}),
+               "e3": RegionDescriptor("tcp", "w3", 8, "t3", {"port": 3})}
     launch = core.build_multicast("d", "k", request, regions, num_blocks=2, parts=4)
     assert launch is not None
     assert launch.receivers == ["e1", "e3"] and launch.request.receivers == ("e1", "e3")
-    body = launch.body()
-    start = StartTransfer.from_wire(body)
+    start = StartTransfer.decode(encode(launch.start))  # what the transfer service reads
     assert start == StartTransfer(model="m", sources=["e0", "store"], receivers=["e1", "e3"],
-                                  regions=regions, num_blocks=2, parts=4, strategy="lambdapipe")
-    assert (body["source_tier"], body["deployment"], body["key"]) == ("gpu", "d", "k")
+                                  regions=regions, num_blocks=2, parts=4, strategy="lambdapipe",
+                                  source_tier="gpu", deployment="d", key="k")
     started = launch.started("t1", NOW, "scaler/x")
     assert (started.kind, started.reason, started.model, started.source) == (
         "scale.multicast.started", "gpu", "m", "scaler/x")
@@ -266,7 +267,8 @@ def test_the_multicast_goes_to_the_receivers_with_a_region_only() -> None:
 
 def test_a_redrive_multicast_says_so_in_its_events() -> None:
     request = MulticastRequest("m", ("store",), ("e1",), Tier.STORE_DISK)
-    launch = core.build_multicast("d", "redrive:m:e1", request, {"e1": {"token": "t"}}, 2, 1,
+    region = RegionDescriptor("tcp", "w1", 8, "t")
+    launch = core.build_multicast("d", "redrive:m:e1", request, {"e1": region}, 2, 1,
                                   redrive=True)
     assert launch is not None
     assert launch.started(None, NOW).data["redrive"] is True

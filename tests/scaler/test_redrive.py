@@ -19,7 +19,7 @@ from services.scaler.redrive import (
     uncovered,
 )
 from shared.errors import InvalidParameter, PlanError
-from shared.messages import ExecutorStatus
+from shared.messages import ExecutorStatus, RegionDescriptor
 
 NOW = 1000.0
 LAYERS = 4
@@ -46,7 +46,7 @@ def status(eid: str, model: str | None = "m", layers: tuple[int, ...] = (),
            region: bool = True) -> ExecutorStatus:
     return ExecutorStatus(executor_id=eid, device="cpu", model=model,
                           num_layers=LAYERS if model else 0, ready_layers=list(layers),
-                          region={"region_id": f"{eid}-w", "token": "x"} if region else {})
+                          region=RegionDescriptor("tcp", f"{eid}-w", 64, "x") if region else None)
 
 
 def test_stalled_rows_are_old_loading_multicast_rows_whose_executor_lacks_layers() -> None:
@@ -127,7 +127,7 @@ def test_receivers_are_those_still_holding_the_buffer_and_missing_layers() -> No
         "d": status("d", region=False),  # no buffer exposed
         "e": None,  # did not answer
     }
-    assert redrive_receivers(rows, statuses) == {"a": {"region_id": "a-w", "token": "x"}}
+    assert redrive_receivers(rows, statuses) == {"a": RegionDescriptor("tcp", "a-w", 64, "x")}
 
 
 def test_rows_group_per_deployment_and_model() -> None:

@@ -37,9 +37,12 @@ from shared.messages import (
     LayerReadiness,
     LoadReport,
     MetricsSnapshot,
+    RegionDescriptor,
     ReleaseModel,
     StartTransfer,
+    StatusQuery,
     Undeploy,
+    decode_control,
 )
 from shared.natsserver import NatsServer
 
@@ -88,9 +91,9 @@ class FakeExecutor:
             state="stopped", values={}))
 
     async def _ctl(self, body: Any, msg: Msg) -> Any:
-        op = body.get("op")
-        if op == "assign":
-            request = AssignModel.from_wire(body)
+        control = decode_control(body)  # as the real executor reads it
+        if isinstance(control, AssignModel):
+            request = control
             self.assigns.append(request)
             if self.fail_assign:
                 raise InvalidParameter("this executor refuses every model")
@@ -104,30 +107,32 @@ class FakeExecutor:
             else:
                 self.ready_layers = []
             await self.publish_readiness()
-            return AssignReply(executor_id=self.id, model=request.model, region=self.region(),
+            return AssignReply(executor_id=self.id, model=request.model,
+                               region=RegionDescriptor.from_dict(self.region()),
                                ready_layers=self.ready_layers)
-        if op == "release":
-            request_r = ReleaseModel.from_wire(body)
-            self.releases.append((request_r, list(body.get("evict", []))))
+        if isinstance(control, ReleaseModel):
+            request_r = control
+            self.releases.append((request_r, list(control.evict)))
             if request_r.keep_host_copy and request_r.model not in self.host_copies:
                 self.host_copies.append(request_r.model)
             self.model, self.ready_layers = None, []
             await self.publish_readiness()
             return Ack()
-        if op == "status":
+        if isinstance(control, StatusQuery):
             self.status_asked += 1
             return ExecutorStatus(executor_id=self.id, device="cpu", model=self.model,
                                   num_layers=NUM_LAYERS if self.model else 0,
                                   ready_layers=self.ready_layers, host_copies=self.host_copies,
                                   # as the real one's: a status reply never carries a token
-                                  region={**self.region(), "token": ""} if self.model else {})
-        if op == "grant":  # a write token for a re-driven multicast (the real one's op)
-            self.grants += 1
-            if self.model != body.get("model"):
-                raise ModelNotFound(f"executor {self.id} is not filling {body.get('model')!r}")
-            return AssignReply(executor_id=self.id, model=self.model, region=self.region(),
-                               ready_layers=self.ready_layers)
-        raise InvalidParameter(f"unknown op {op!r}")
+                                  region=RegionDescriptor.from_dict(
+                                      {**self.region(), "token": ""}) if self.model else None)
+        # a write token for a re-driven multicast (the real one's GrantWrite)
+        self.grants += 1
+        if self.model != control.model:
+            raise ModelNotFound(f"executor {self.id} is not filling {control.model!r}")
+        return AssignReply(executor_id=self.id, model=self.model,
+                           region=RegionDescriptor.from_dict(self.region()),
+                           ready_layers=self.ready_layers)
 
     async def kill(self) -> None:
         """Gone without a word (SIGKILL): no more metrics, no "stopped" snapshot."""
@@ -726,7 +731,7 @@ async def _rows_of_a_killed_scaler(cluster: Cluster, executors: list[str],
             eid, "d", "m", InstanceState.LOADING, time.time() - written_ago_s,
             "store_disk").to_dict())
         assign = AssignModel(model="m", manifest=manifest("m"), load_from="none")
-        await cluster.bus.request(subjects.exec_ctl(eid), {"op": "assign", **assign.to_wire()})
+        await cluster.bus.request(subjects.exec_ctl(eid), assign)
 
 
 async def _all_ready(cluster: Cluster, n: int) -> bool:

@@ -16,8 +16,9 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, encode
 from shared.errors import NotConnected
+from shared.messages import ReleaseModel
 from shared.model.tiny import TinySpec
 from shared.natsauth import IDENTITIES, ClientAuth, inbox_prefix
 from tests.e2e.conftest import E2ECluster, make_checkpoint
@@ -125,7 +126,7 @@ async def test_every_identity_publishes_only_what_its_kind_needs(
         probe = probes[identity]
         for subject, allowed in CONTROL_SUBJECTS:
             marker = f"{subject}"
-            body = msgpack.packb({"op": "release", "model": "m"})
+            body = encode(ReleaseModel(model="m"))  # a real control message
             await probe.nc.publish(subject, body)
             await probe.nc.flush()
             if identity in allowed:
@@ -187,7 +188,7 @@ async def test_attacks_are_refused_and_the_cluster_still_serves(
         dashboard = await connect_probe(
             secure_nats.url, **secure_nats.credentials.client("dashboard").connect_options())
         try:
-            release = msgpack.packb({"op": "release", "model": "m"})
+            release = encode(ReleaseModel(model="m"))
             attacks = [(router, subjects.exec_ctl(holder.id), release),
                        (router, subjects.SCALER_UNDEPLOY, msgpack.packb({"name": "m"})),
                        (router, subjects.STORE_REMOVE, msgpack.packb({"name": "m"})),

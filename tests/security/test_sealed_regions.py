@@ -19,6 +19,7 @@ from services.executor.loading import WeightCopy
 from shared import subjects
 from shared.bus import decode
 from shared.errors import RegionAccessDenied
+from shared.messages import StatusQuery
 from shared.model.tiny import TinySpec
 from shared.transport.base import RegionDescriptor
 from shared.transport.peer import Block, DataPlanePeer, part_range
@@ -178,7 +179,7 @@ async def test_every_token_an_attacker_can_learn_is_refused_by_a_serving_region(
         holder = next(e for e in cluster.executors.values()
                       if e.copy is not None and e.copy.complete)
         copy: WeightCopy = holder.copy  # type: ignore[assignment]
-        status = await bus.request(subjects.exec_ctl(holder.id), {"op": "status"}, timeout=5)
+        status = await bus.request(subjects.exec_ctl(holder.id), StatusQuery(), timeout=5)
         assert status["region"]["token"] == ""  # a status reply carries no token
         _tokens_in(status, seen)
         assert len(seen - {""}) >= 1  # the finished transfer's grant(s), sniffed off the wire

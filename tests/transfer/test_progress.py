@@ -13,13 +13,17 @@ from shared import metrics_schema as ms
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceConfig
-from shared.messages import Event, SendChunks, StartTransfer, TransferStarted
+from shared.messages import Event, RegionDescriptor, SendChunks, StartTransfer, TransferStarted
 from shared.model.layout import BlockEntry
 from shared.natsserver import NatsServer
 from shared.transport.peer import DataPlanePeer, block_checksum, serve_send_chunks
 
 SIZES = (5000, 12000, 7001)  # uneven on purpose: an equal-share estimate would be wrong
 PARTS = 2
+
+
+def _region(size: int) -> RegionDescriptor:
+    return RegionDescriptor("tcp", "w", size, "t")
 
 
 def _blocks(data: bytes) -> list[BlockEntry]:
@@ -38,7 +42,7 @@ def test_chunk_sizes_follow_the_block_layout() -> None:
 
 
 def test_tracker_estimates_until_sizes_are_known_then_is_exact() -> None:
-    regions = {"a": {"size": 1000}, "b": {"size": 1000}}
+    regions = {"a": _region(1000), "b": _region(1000)}
     tracker = MulticastProgress.start("m", "lambdapipe", ["a", "b"], 4, regions)
     tracker.chunk_landed("a", 0)
     tracker.chunk_landed("a", 0)  # a repeat counts once
@@ -80,12 +84,13 @@ async def test_service_publishes_receiver_bytes_while_running(nats_server: NatsS
         await bus.serve(subjects.STORE_SOURCE, slow_source, message_type=SendChunks)
         await bus.serve(subjects.STORE_GET, store_get)
         receivers = ["e0", "e1"]
-        regions = {}
+        regions: dict[str, RegionDescriptor] = {}
         for r in receivers:
             peer = DataPlanePeer(r, blocks, parts=PARTS)
             await peer.start()
             peers.append(peer)
-            regions[r] = peer.descriptor.to_dict()  # type: ignore[union-attr]
+            assert peer.descriptor is not None
+            regions[r] = peer.descriptor
 
             async def relay(req: SendChunks, msg: Any, peer: DataPlanePeer = peer) -> Any:
                 return await serve_send_chunks(peer, req)
@@ -138,10 +143,10 @@ async def test_service_publishes_receiver_bytes_while_running(nats_server: NatsS
 
 
 def test_joined_receivers_are_listed_with_their_own_totals() -> None:
-    tracker = MulticastProgress.start("m", "lambdapipe", ["a"], 4, {"a": {"size": 400}})
+    tracker = MulticastProgress.start("m", "lambdapipe", ["a"], 4, {"a": _region(400)})
     tracker.chunk_landed("a", 0)
     before = tracker.version
-    tracker.add_receivers(["b"], {"b": {"size": 400}})
+    tracker.add_receivers(["b"], {"b": _region(400)})
     assert tracker.version > before
     tracker.chunk_landed("b", 1)
     tracker.chunk_landed("b", 2)
