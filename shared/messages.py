@@ -384,7 +384,7 @@ def decode_control(raw: Any) -> ExecControl:
 
 
 class ExecutorStatus(Message, frozen=True, tag="exec.status"):
-    """Executor's answer to a status request (``exec_ctl`` with ``{"op": "status"}``)."""
+    """Executor's answer to a status request (``exec_ctl`` :class:`StatusQuery`)."""
 
     executor_id: str
     device: str

@@ -11,7 +11,7 @@ clock skew between hosts cannot make a live executor look dead):
   ``{"model", "size_bytes", "last_used"}``) and ``host_budget_bytes``; a snapshot with state
   ``stopped`` says the executor is gone;
 * their :class:`~shared.messages.LayerReadiness` events (``lscale.events.ready.<id>``);
-* their :class:`~shared.messages.ExecutorStatus` reply (``exec_ctl`` ``{"op": "status"}``),
+* their :class:`~shared.messages.ExecutorStatus` reply (``exec_ctl`` :class:`~shared.messages.StatusQuery`),
   and the scaler's own assign/release replies.
 
 :func:`housekeeping` compares the instance table with these observations and says which
