@@ -81,6 +81,7 @@ class SimRequest:
     error: str | None = None
     engine: str | None = None
     reroutes: int = 0
+    why: str = ""  # more on ``error``: a queue timeout's model had a ready instance or not
 
     @property
     def rid(self) -> str:
@@ -151,6 +152,8 @@ class SimTransfer:
         for e in start:
             begin = max(now, plat.send_free.get(e.src, 0.0), plat.recv_free.get(e.dst, 0.0))
             end = begin + self.chunk_bytes / min(self.rate(e.src), self.rate(e.dst))
+            if e.src == STORE_SOURCE_ID:
+                plat.store_busy_s += end - begin
             plat.send_free[e.src] = end
             plat.recv_free[e.dst] = end
             self.running += 1
@@ -225,6 +228,7 @@ class Platform:
         self.engines: dict[str, SimEngine] = {}
         self.engine_model: dict[str, str] = {}
         self.send_free: dict[str, float] = {}
+        self.store_busy_s = 0.0  # time the store's link spent sending
         self.recv_free: dict[str, float] = {}
         self.disk_free: dict[int, float] = {}
         self.disk: dict[int, dict[str, float]] = {n: {} for n in range(cl.nodes)}  # model->used
@@ -250,6 +254,8 @@ class Platform:
         self._readiness_due: dict[str, dict[str, frozenset[int]]] = {}
         self.end_s = 0.0
         self._active: set[str] = set()  # models with requests queued or running
+        self._ready: dict[str, int] = {}  # model -> ready instances
+        self._ready_since: dict[str, float] = {}  # model -> since when one has been ready
         self._setup_initial()
         for r in self.requests:
             self.loop.at(r.arrival, self._arrive, r)
@@ -369,7 +375,13 @@ class Platform:
         for a in result.dispatched:
             self._dispatch(a)
         for q in result.expired:
-            self._fail(self.by_rid[q.request_id], "queue_timeout")
+            r = self.by_rid[q.request_id]
+            # (the queue is looked at when something changes, often the first instance
+            # coming ready: what counts is whether one was ready by the deadline)
+            since = self._ready_since.get(model)
+            r.why = "instances_busy" if since is not None and since <= q.deadline \
+                else "no_ready_instance"
+            self._fail(r, "queue_timeout")
 
     def _fail(self, r: SimRequest, why: str) -> None:
         if r.done is None and r.error is None:
@@ -486,6 +498,8 @@ class Platform:
         rec = self.records.get(e.eid)
         if rec is not None:
             self.records[e.eid] = replace(rec, state=InstanceState.READY)
+        self._ready[m.name] = self._ready.get(m.name, 0) + 1
+        self._ready_since.setdefault(m.name, now)
         self._report(e)
         self._engine(f"local:{e.eid}", m, [StageSpec(e.eid, 0, m.num_layers)])
         self._disk_keep(e.node, m.name, now)
@@ -501,6 +515,10 @@ class Platform:
             if e.eid in t.alive:
                 t.drop(e.eid)
         self.transfers = [t for t in self.transfers if not t.done]
+        if model is not None and e.complete:
+            self._ready[model] -= 1
+            if not self._ready[model]:
+                self._ready_since.pop(model, None)
         e.model, e.deployment, e.assigned_at = None, None, None
         e.held, e.complete = set(), False
         self.records.pop(e.eid, None)
@@ -715,6 +733,16 @@ class Platform:
             if r.done is None and r.error is None:
                 r.error = "unfinished"
         self.end_s = now
+
+    def failed_by_reason(self) -> dict[str, int]:
+        """Failed requests by error code (a queue timeout split by whether its model had a
+        ready instance when the wait ran out: a cold start too slow, or too few instances)."""
+        out: dict[str, int] = {}
+        for r in self.requests:
+            if r.error is not None:
+                key = f"{r.error}/{r.why}" if r.why else r.error
+                out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items()))
 
     @property
     def gpu_seconds(self) -> float:

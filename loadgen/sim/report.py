@@ -56,8 +56,11 @@ def mode_result(plat: Platform, slo: Slo) -> dict[str, Any]:
         "instances_loaded": len(load_s),
         "first_ready_s": min((x.complete_s for x in plat.loads
                               if x.complete_s is not None and x.source != "warm"), default=None),
+        "failed_by_reason": plat.failed_by_reason(),
         "rerouted": sum(r.reroutes for r in plat.requests),
         "multicasts": len(plat.multicasts),
+        # the store's one link: busy this long (a load that waits on it waits for this)
+        "store_link_busy_s": plat.store_busy_s,
         "scaler_actions": dict(sorted(plat.actions.items())),
         "episode_s": plat.end_s,
         "events": plat.loop.processed,

@@ -177,6 +177,17 @@ def test_a_request_too_long_for_a_kv_row_is_counted_failed() -> None:
     p = _run(_config("lambdascale"), arrivals)
     assert p.requests[0].error == "context_too_long"
     assert p.requests[1].error is None and p.requests[1].done is not None
+    assert p.failed_by_reason() == {"context_too_long": 1}
+
+
+def test_queue_timeouts_say_whether_the_model_had_a_ready_instance() -> None:
+    # a cold start slower than the router's queue wait: the first requests time out before
+    # any instance is ready; later ones are served
+    arrivals = [SimArrival(0.0, "m0", 100, 10), SimArrival(5.0, "m0", 100, 10)]
+    p = _run(_config("store_pull", queue_wait_s=0.5), arrivals)
+    assert p.requests[0].error == "queue_timeout"
+    assert p.requests[1].error is None
+    assert p.failed_by_reason() == {"queue_timeout/no_ready_instance": 1}
 
 
 def test_store_pull_loads_share_the_store_link_and_multicast_does_not() -> None:
@@ -218,6 +229,28 @@ def test_serverlessllm_is_placements_local_tiers_own_disk_first_then_the_store()
     assert set(by_source) <= {"disk", "multicast:store_memory"}
     assert all(m["sources"] == ["store"] for m in p.multicasts)
     assert p.actions.get("Assign", 0) == len(p.loads)
+
+
+def test_the_link_rate_sets_peer_multicast_times() -> None:
+    # a warm instance feeds the new ones over the executors' links (the store's link is
+    # slow): four times the link rate, about a quarter of the load time
+    arrivals = [SimArrival(0.01 * i, "m0", 300, 400) for i in range(300)]
+
+    def loads(gbit: float) -> list[float]:
+        cfg = SimConfig(
+            mode=MODES["multicast_only"],
+            cluster=ClusterSpec(nodes=6, gpus_per_node=1, link_bytes_s=gbit * GBIT,
+                                store_bytes_s=1 * GBIT),
+            models=(make_model("m0", "h100:llama-2-7b"),),
+            deployment=DeploymentDefaults(target_concurrency=4, keep_alive_s=5),
+            warm={"m0": 1})
+        p = _run(cfg, arrivals)
+        return [x.load_s for x in p.loads if x.source != "warm" and x.load_s is not None]
+
+    slow, fast = loads(100.0), loads(400.0)
+    assert slow and fast
+    ratio = (sum(fast) / len(fast)) / (sum(slow) / len(slow))
+    assert 0.2 < ratio < 0.35
 
 
 def test_engine_fast_forward_matches_step_by_step_times() -> None:
