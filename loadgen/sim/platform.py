@@ -44,21 +44,26 @@ from services.scaler.core import CoreParams, ManifestLookup, ScalerState, TickIn
 from services.scaler.deployment import DeploymentSpec
 from services.scaler.observe import Observation
 from services.scaler.placement import STORE_SOURCE_ID, HostCache, HostCopy, Tier
+from services.scaler.placement import plan_multicast as place_multicast
 from services.scaler.reconcile import (
     LOAD_DISK,
     LOAD_MULTICAST,
     Assign,
+    ClusterView,
     Demote,
     InstanceRecord,
     InstanceState,
     Release,
     StartMulticast,
+    model_holders,
 )
+from services.scaler.redrive import TransferInfo, by_deployment, stalled_rows, uncovered
 from services.transfer.planner import Edge, plan_multicast, ready_edges, replan
 from shared.errors import LScaleError, NoCapacity, PlanError
 from shared.messages import LoadReport
 
 PENDING_TIMEOUT_S = 60.0
+REDRIVE_AFTER_S = 2.0  # the scaler's redrive_after_s default
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,7 @@ class SimExecutor:
 class SimTransfer:
     """One multicast: the planner's plan run under the driver's edge rule."""
 
-    def __init__(self, plat: Platform, model: SimModel, plan_edges: list[Edge],
+    def __init__(self, plat: Platform, model: SimModel, edges: list[Edge],
                  sources: Sequence[str], receivers: Sequence[str], source_rate: dict[str, float],
                  parts: int) -> None:
         self.plat = plat
@@ -133,7 +138,8 @@ class SimTransfer:
             self.held[r] = set()
         self.receivers = list(receivers)
         self.alive: set[str] = set(sources) | set(receivers)
-        self.pending = plan_edges
+        self.pending = edges
+        self.started = plat.loop.now
         self.sending: dict[str, int] = {}
         self.receiving: dict[str, int] = {}
         self.running = 0
@@ -254,6 +260,8 @@ class Platform:
         self._readiness_due: dict[str, dict[str, frozenset[int]]] = {}
         self.end_s = 0.0
         self._active: set[str] = set()  # models with requests queued or running
+        self._redrive_checked: dict[str, float] = {}  # executor -> when its row was checked
+        self.redrives = 0
         self._ready: dict[str, int] = {}  # model -> ready instances
         self._ready_since: dict[str, float] = {}  # model -> since when one has been ready
         self._setup_initial()
@@ -677,12 +685,47 @@ class Platform:
                     e.host = admission.cache
             elif isinstance(action, Release):
                 self._release(self.executors[action.executor_id])
+        self._redrive(plan.view, now)
         if periodic:
+            # the router's housekeeping expires waits at their deadline (here within a tick)
+            for model in sorted(self._active):
+                self._dispatch_waiting(model)
             self._sample(now)
             if self._finished(now):
                 self.end_s = now
                 return
             self.loop.after(cfg.reconcile_interval_s, self._tick, True)
+
+    def _redrive(self, view: ClusterView, now: float) -> None:
+        """The shell's re-drive (services/scaler/redrive.py): loading rows that no transfer
+        covers any more (their multicast gave up on them: every source of some chunk left)
+        get a new multicast from the model's holders, as the service starts one."""
+        self._redrive_checked = {e: t for e, t in self._redrive_checked.items()
+                                 if e in self.records}
+        rows = stalled_rows(self.records, self.observations, now, after_s=REDRIVE_AFTER_S,
+                            checked=self._redrive_checked)
+        if not rows:
+            return
+        self._redrive_checked.update((r.executor_id, now) for r in rows)
+        n = self.cfg.mode
+        for (deployment, model), group in by_deployment(rows).items():
+            infos = [TransferInfo(str(i), t.model.name, "done" if t.done else "running",
+                                  frozenset(t.receivers),
+                                  frozenset(r for r in t.receivers
+                                            if len(t.held[r]) == t.num_chunks), t.started)
+                     for i, t in enumerate(self.transfers) if t.model.name == model]
+            lost = uncovered(group, infos)
+            if not lost:
+                continue
+            try:
+                request = place_multicast(model_holders(view, model, view.instances, ()),
+                                         sorted(r.executor_id for r in lost),
+                                         strategy=n.strategy)
+            except PlanError:
+                continue
+            self.redrives += 1
+            self.loop.after(self.cfg.control_latency_s, self._start_multicast,
+                            StartMulticast(deployment, request))
 
     def _live_specs(self, report: LoadReport) -> dict[str, DeploymentSpec]:
         """The deployments the core could decide anything for this tick.

@@ -59,6 +59,7 @@ def mode_result(plat: Platform, slo: Slo) -> dict[str, Any]:
         "failed_by_reason": plat.failed_by_reason(),
         "rerouted": sum(r.reroutes for r in plat.requests),
         "multicasts": len(plat.multicasts),
+        "redrives": plat.redrives,  # multicasts the scaler's re-drive started
         # the store's one link: busy this long (a load that waits on it waits for this)
         "store_link_busy_s": plat.store_busy_s,
         "scaler_actions": dict(sorted(plat.actions.items())),

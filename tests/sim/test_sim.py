@@ -15,10 +15,12 @@ import loadgen.sim.engine as sim_engine
 import loadgen.sim.platform as sim_platform
 import services.router.pipeline as pipeline
 import services.router.routing as routing
+import services.scaler.actions as actions
 import services.scaler.core as core
 import services.scaler.placement as placement
 import services.scaler.policy as policy
 import services.scaler.reconcile as reconcile
+import services.scaler.redrive as redrive
 import services.scaler.service as scaler_service
 import services.transfer.driver as driver
 import services.transfer.planner as planner
@@ -32,6 +34,7 @@ from loadgen.sim.engine import SimEngine, StageSpec
 from loadgen.sim.platform import Platform, SimArrival
 from loadgen.sim.workload import assign_models
 from loadgen.trace import Arrival
+from services.scaler.reconcile import StartMulticast
 
 SIM_DIR = Path(sim_platform.__file__).parent
 # the module the scaler's shell calls its tick through (``core.plan_tick``)
@@ -53,6 +56,11 @@ SAME_FUNCTIONS = [
     (core, "reconcile", reconcile),
     (core, "settle_pending", reconcile),
     (reconcile, "plan_scale_out", placement),
+    # the shell's re-drive of loading rows no transfer covers
+    (sim_platform, "stalled_rows", redrive),
+    (sim_platform, "uncovered", redrive),
+    (sim_platform, "model_holders", reconcile),
+    (actions, "plan_multicast", placement),  # the shell's re-drive picks sources with it...
     (sim_platform, "plan_multicast", planner),
     (sim_platform, "replan", planner),
     (sim_platform, "ready_edges", planner),  # the driver's edge rule...
@@ -78,12 +86,17 @@ def test_the_simulator_calls_the_services_functions_not_copies(
 def test_the_scaler_shell_ticks_with_the_core_module_itself() -> None:
     # the shell calls ``core.plan_tick`` through the module: the module must be the one
     assert SHELL_CORE is core
+    assert vars(actions)["redrive"] is redrive  # and re-drives with the pure module
+    # ...and so does the simulator's (imported there as place_multicast: the planner's
+    # plan_multicast has the name)
+    assert vars(sim_platform)["place_multicast"] is placement.plan_multicast
     assert "core.plan_tick(" in Path(scaler_service.__file__).read_text()
 
 
 def test_the_simulator_imports_no_service_shell() -> None:
-    # (services/scaler/observe.py and events.py are pure modules the scaler's core composes)
-    shells = {"service", "http", "nats_backend", "catalog", "provisioners", "redrive",
+    # (services/scaler/observe.py and events.py are pure modules the scaler's core composes;
+    # redrive.py is the pure half of the shell's re-drive, which the simulator runs too)
+    shells = {"service", "http", "nats_backend", "catalog", "provisioners",
               "actions", "driver", "merge", "progress"}
     for path in SIM_DIR.glob("*.py"):
         tree = ast.parse(path.read_text())
@@ -108,7 +121,7 @@ def test_the_simulator_loads_no_shell_even_indirectly() -> None:
     assert "services.scaler.core" in out and "loadgen.sim.platform" in out
     bad = [m for m in out if m.split(".")[0] == "nats" or m == "shared.bus"
            or (m.startswith("services.") and m.split(".")[-1] in
-               ("service", "actions", "redrive", "provisioners", "driver"))]
+               ("service", "actions", "provisioners", "driver"))]
     assert not bad
 
 
@@ -251,6 +264,39 @@ def test_the_link_rate_sets_peer_multicast_times() -> None:
     assert slow and fast
     ratio = (sum(fast) / len(fast)) / (sum(slow) / len(slow))
     assert 0.2 < ratio < 0.35
+
+
+def test_a_receiver_whose_only_source_left_is_re_driven_from_the_store() -> None:
+    # one warm instance feeds the first new one; it is taken away mid-transfer, so the
+    # multicast gives the receiver up (no one else holds the rest); the scaler's re-drive
+    # finds the loading row no transfer covers and multicasts to it from the store
+    arrivals = [SimArrival(0.01 * i, "m0", 300, 200) for i in range(60)]
+    cfg = SimConfig(
+        mode=MODES["multicast_only"],
+        cluster=ClusterSpec(nodes=2, gpus_per_node=1, link_bytes_s=100 * GBIT,
+                            store_bytes_s=50 * GBIT),
+        models=(make_model("m0", "h100:llama-2-7b"),),
+        deployment=DeploymentDefaults(target_concurrency=4, keep_alive_s=5), warm={"m0": 1})
+    p = Platform(cfg, arrivals)
+    start = p._start_multicast
+    cut: list[str] = []
+
+    def start_then_cut(action: StartMulticast) -> None:
+        start(action)
+        if not cut and action.request.sources != ("store",):
+            cut.extend(action.request.sources)
+            for e in cut:
+                p.loop.after(0.05, p._release, p.executors[e])
+
+    p._start_multicast = start_then_cut  # type: ignore[method-assign]
+    p.run()
+    assert cut == ["exec-0"]
+    assert p.redrives == 1
+    redriven = [m for m in p.multicasts if m["sources"] == ["store"]]
+    # (exec-0, freed, is assigned again by a scale-out from the store; exec-1 re-driven)
+    assert ["exec-1"] in [m["receivers"] for m in redriven]
+    assert all(x.complete_s is not None for x in p.loads if x.executor == "exec-1")
+    assert p.unfinished == 0 and all(r.error is None for r in p.requests)
 
 
 def test_engine_fast_forward_matches_step_by_step_times() -> None:
