@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +184,37 @@ class SamplingParams:
 
 _WIRE_DEFAULTS = tuple((f.name, f.default) for f in dataclasses.fields(SamplingParams)
                        if f.name != "max_tokens")
+# --- the finish rule ------------------------------------------------------------------------
+# One rule for every place that samples: the engine's scheduler (which adds stop strings, as
+# it has a tokenizer, between the two checks) and a pipeline's last stage.
+
+
+def stops_on_token(token: int, params: SamplingParams, eos_token_ids: Collection[int]) -> bool:
+    """The token ends its sequence with ``stop``: a stop token id, or an EOS unless
+    ``ignore_eos``."""
+    return token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids)
+
+
+def length_reached(generated: int, total_len: int, params: SamplingParams, *, row_len: int,
+                   max_model_len: int) -> bool:
+    """The sequence ends with ``length``: ``max_tokens`` generated, or the next step would
+    feed its last token past its KV row or the model's context (position ``total_len - 1``)."""
+    return generated >= params.max_tokens or total_len >= min(row_len, max_model_len) + 1
+
+
+def finish_reason(*, generated: Sequence[int], params: SamplingParams,
+                  eos_token_ids: Collection[int], prompt_len: int, row_len: int,
+                  max_model_len: int) -> str | None:
+    """Whether a sequence that just produced ``generated[-1]`` is done (no stop strings: a
+    pipeline refuses them up front)."""
+    if stops_on_token(generated[-1], params, eos_token_ids):
+        return "stop"
+    if length_reached(len(generated), prompt_len + len(generated), params, row_len=row_len,
+                      max_model_len=max_model_len):
+        return "length"
+    return None
+
+
 _FLOATS = {"temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"}
 
 

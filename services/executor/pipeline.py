@@ -62,7 +62,6 @@ from services.executor.compute import ComputeThread
 from services.executor.requests import (
     check_fits,
     check_prompt,
-    finish_reason,
     parse_stages,
     sampling_from_wire,
 )
@@ -95,6 +94,7 @@ from shared.messages import (
     WireError,
     replace,
 )
+from shared.sampling import finish_reason
 
 log = structlog.get_logger("executor.pipeline")
 

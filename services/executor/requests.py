@@ -7,7 +7,7 @@ NATS, and the executor keeps serving.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -78,19 +78,3 @@ def parse_stages(raw: Sequence[Stage] | Any, num_layers: int) -> list[Stage]:
     if len(set(ids)) != len(ids):
         raise InvalidParameter(f"stages name an executor twice: {ids}")
     return stages
-
-
-def finish_reason(*, generated: Sequence[int], params: SamplingParams,
-                  eos_token_ids: Collection[int], prompt_len: int, row_len: int,
-                  max_model_len: int) -> str | None:
-    """Whether a sequence that just produced ``generated[-1]`` is done: the whole-model
-    scheduler's rule (shared.engine.scheduler), for a pipeline's last stage (no stop strings:
-    a pipeline refuses them up front)."""
-    token = generated[-1]
-    if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
-        return "stop"
-    if len(generated) >= params.max_tokens:
-        return "length"
-    if prompt_len + len(generated) >= min(row_len, max_model_len) + 1:
-        return "length"
-    return None

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from shared.errors import ContextTooLong, InvalidParameter, KVCacheFull
-from shared.sampling import SamplingParams, TokenLogprobs
+from shared.sampling import SamplingParams, TokenLogprobs, length_reached, stops_on_token
 
 Detokenize = Callable[[Sequence[int]], str]
 
@@ -316,9 +316,7 @@ class Scheduler:
 
     def _finish_reason(self, request: Request, token: int) -> tuple[str | None, str | None]:
         params = request.params
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.eos_token_ids
-        ):
+        if stops_on_token(token, params, self.eos_token_ids):
             return "stop", None
         if params.stop and self.decode is not None \
                 and len(request.output_token_ids) >= params.min_tokens:
@@ -330,9 +328,7 @@ class Scheduler:
             hits = [(tail.find(s), s) for s in params.stop if s in tail]
             if hits:
                 return "stop", min(hits)[1]
-        if len(request.output_token_ids) >= params.max_tokens:
-            return "length", None
-        # the next step would feed this token at position total_len - 1
-        if request.total_len >= min(self.row_len, self.max_model_len) + 1:
+        if length_reached(len(request.output_token_ids), request.total_len, params,
+                          row_len=self.row_len, max_model_len=self.max_model_len):
             return "length", None
         return None, None

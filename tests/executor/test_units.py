@@ -13,7 +13,6 @@ from services.executor.activations import (
 )
 from services.executor.requests import (
     check_fits,
-    finish_reason,
     parse_stages,
     sampling_from_wire,
 )
@@ -27,6 +26,7 @@ from shared.errors import (
     PayloadTooLarge,
 )
 from shared.messages import StageActivations, StageChunk
+from shared.sampling import finish_reason  # the one finish rule
 from tests.executor.conftest import NUM_LAYERS, TinyModel
 
 
