@@ -27,7 +27,16 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from services.router.pipeline import build_plan
+from shared.messages import Stage
+
+if TYPE_CHECKING:
+    from services.transfer.driver import TransferResult
+    from services.transfer.planner import MulticastPlan
 
 STRATEGY_CHOICES = ("lambdapipe", "binary_tree", "chain", "pull_from_store", "gloo")
 CTL_PORT = 7700
@@ -168,10 +177,60 @@ def _layout(size: int, blocks: int, data: bytes) -> list[list[Any]]:
     return out
 
 
+def first_route(have: Mapping[str, Iterable[int]], blocks: int) -> tuple[Stage, ...] | None:
+    """The route the router would serve from these holders, found by the router's own pipeline
+    builder (:func:`services.router.pipeline.build_plan`; here its units are blocks, each a run
+    of layers): a whole copy as one stage, else the first pipeline; None while neither forms."""
+    ready = {node: sorted(held) for node, held in have.items() if held}
+    if not ready:
+        return None
+    plan = build_plan(blocks, ready)
+    if plan.local:
+        return (Stage(plan.local[0], 0, blocks),)
+    return plan.pipelines[0].stages if plan.pipelines else None
+
+
+def first_pipeline_tick(plan: MulticastPlan) -> tuple[int, tuple[Stage, ...]] | None:
+    """The first tick after which the receivers together can serve (:func:`first_route` over
+    the blocks each has whole), and that route; None when none forms."""
+    have: dict[str, set[int]] = {r: set() for r in plan.receivers}
+    count: dict[tuple[str, int], int] = defaultdict(int)
+    for t, tick in enumerate(plan.ticks):
+        changed = False
+        for e in tick:
+            block = e.chunk // plan.parts
+            count[(e.dst, block)] += 1
+            if count[(e.dst, block)] == plan.parts:
+                have[e.dst].add(block)
+                changed = True
+        route = first_route(have, plan.blocks) if changed else None
+        if route is not None:
+            return t, route
+    return None
+
+
+def first_pipeline_seconds(result: TransferResult, blocks: int, parts: int,
+                           receivers: Sequence[str]) -> float | None:
+    """When the receivers together could first serve (:func:`first_route`), from a run's
+    chunk arrivals."""
+    count: dict[tuple[str, int], int] = defaultdict(int)
+    have: dict[str, set[int]] = {r: set() for r in receivers}
+    for t, node, chunk in sorted(result.arrivals):
+        if node not in have:
+            continue
+        block = chunk // parts
+        count[(node, block)] += 1
+        if count[(node, block)] == parts:
+            have[node].add(block)
+            if first_route(have, blocks) is not None:
+                return t
+    return None
+
+
 async def _bench(args: argparse.Namespace, strategies: list[str]) -> dict[str, Any]:
     from services.transfer.benchnode import model_bytes
-    from services.transfer.driver import TransferDriver, TransferResult, first_pipeline_seconds
-    from services.transfer.planner import Edge, MulticastPlan, plan_multicast
+    from services.transfer.driver import TransferDriver, TransferResult
+    from services.transfer.planner import Edge, plan_multicast
     from shared.emu import EmuCluster
     from shared.errors import TransportError
 

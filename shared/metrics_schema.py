@@ -66,6 +66,7 @@ also arrive under ``lscale.events.ready.<eid>`` and update an executor's layers.
 from __future__ import annotations
 
 import math
+from enum import StrEnum
 from typing import Any
 
 # --- services ---------------------------------------------------------------------------------
@@ -108,11 +109,56 @@ RECEIVER_BYTES_DONE = "bytes_done"
 RECEIVER_BYTES_TOTAL = "bytes_total"
 
 # --- events -----------------------------------------------------------------------------------
-EVENT_TRANSFER_PROGRESS = "transfer.progress"
-EVENT_TRANSFER_DONE = "transfer.done"
-EVENT_TRANSFER_FAILED = "transfer.failed"
+class EventKind(StrEnum):
+    """Every lifecycle event kind (``Event.kind``, published on ``lscale.events.<kind>``), in
+    one place: publishers name these members, readers may compare them with plain strings."""
+
+    SCALE_OUT = "scale.out"
+    SCALE_IN = "scale.in"
+    SCALE_HOLD = "scale.hold"
+    SCALE_PLACEMENT = "scale.placement"
+    SCALE_IN_PLAN = "scale.in.plan"
+    SCALE_ASSIGN = "scale.assign"
+    SCALE_MULTICAST = "scale.multicast"
+    SCALE_DEMOTE = "scale.demote"
+    SCALE_RELEASE = "scale.release"
+    SCALE_ADOPT = "scale.adopt"
+    SCALE_FORGET = "scale.forget"
+    SCALE_MULTICAST_STARTED = "scale.multicast.started"
+    SCALE_MULTICAST_FAILED = "scale.multicast.failed"
+    SCALE_ASSIGN_FAILED = "scale.assign.failed"
+    SCALE_RELEASE_FAILED = "scale.release.failed"
+    SCALE_ADOPT_FAILED = "scale.adopt.failed"
+    SCALE_FORGET_FAILED = "scale.forget.failed"
+    SCALE_BLOCKED = "scale.blocked"
+    SCALE_PROVISION = "scale.provision"
+    SCALE_PROVISION_FAILED = "scale.provision.failed"
+    SCALE_UNPROVISION = "scale.unprovision"
+    INSTANCE_READY = "instance.ready"
+    INSTANCE_GONE = "instance.gone"
+    DEPLOYMENT_CREATED = "deployment.created"
+    DEPLOYMENT_UPDATED = "deployment.updated"
+    DEPLOYMENT_REMOVED = "deployment.removed"
+    EXECUTOR_ASSIGNED = "executor.assigned"
+    EXECUTOR_LOAD_FAILED = "executor.load_failed"
+    EXECUTOR_RELEASED = "executor.released"
+    EXECUTOR_COMPLETE = "executor.complete"
+    MODEL_INGEST = "model.ingest"
+    MODEL_REMOVED = "model.removed"
+    MODEL_CORRUPT = "model.corrupt"
+    PIPELINE_UP = "pipeline.up"
+    PIPELINE_DOWN = "pipeline.down"
+    REQUEST_ROUTED = "request.routed"
+    TRANSFER_PROGRESS = "transfer.progress"
+    TRANSFER_DONE = "transfer.done"
+    TRANSFER_FAILED = "transfer.failed"
+
+
+EVENT_TRANSFER_PROGRESS = EventKind.TRANSFER_PROGRESS
+EVENT_TRANSFER_DONE = EventKind.TRANSFER_DONE
+EVENT_TRANSFER_FAILED = EventKind.TRANSFER_FAILED
 EVENT_TRANSFER_ID = "transfer_id"
-EVENT_REQUEST_ROUTED = "request.routed"
+EVENT_REQUEST_ROUTED = EventKind.REQUEST_ROUTED
 
 
 # --- tolerant readers -------------------------------------------------------------------------

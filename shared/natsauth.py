@@ -123,7 +123,7 @@ def permissions(identity: str) -> SubjectPermissions | None:
                   f"{subjects.SRV_INFO}.>", subjects.SRV_STATS, f"{subjects.SRV_STATS}.>"]
     # (services answer an instance status request on lscale.<kind>.<id>.status)
     common_sub = [inbox, "$SRV.>", subjects.METRICS_ALL, subjects.EVENTS_ALL,
-                  f"{subjects.ROOT}.{identity}.*.status"]
+                  subjects.service_status(identity, "*")]
     deny_ready = (readiness,)
     js: list[str] = []
     for bucket in _KV_WRITE.get(identity, ()):

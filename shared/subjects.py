@@ -91,6 +91,11 @@ def event(kind: str) -> str:
 METRICS_ALL = f"{ROOT}.metrics.>"
 
 
+def service_status(kind: str, instance_id: str) -> str:
+    """One service instance's own status endpoint (request/reply)."""
+    return f"{ROOT}.{kind}.{instance_id}.status"
+
+
 def metrics(service: str, instance_id: str) -> str:
     return f"{ROOT}.metrics.{service}.{instance_id}"
 

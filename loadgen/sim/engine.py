@@ -19,31 +19,22 @@ would admit it at that step's end.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from shared.costmodel import Chunk, Pace, activation_hop_seconds, step_seconds
 from shared.engine.scheduler import Scheduler, SchedulerOutput
 from shared.errors import ContextTooLong
+from shared.messages import Stage  # the one pipeline stage type
 from shared.sampling import SamplingParams
 
 VOCAB = 32000
 TOKEN = 1  # the token every simulated step "samples" (ignore_eos: only lengths matter)
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """Layers ``[start, stop)`` of the target model, on one executor."""
-
-    executor_id: str
-    start: int
-    stop: int
-
-
 OnToken = Callable[[str, float, bool], None]  # (request id, time, finished)
 
 
 class SimEngine:
-    def __init__(self, key: str, pace: Pace, stages: Sequence[StageSpec], *, capacity: int,
+    def __init__(self, key: str, pace: Pace, stages: Sequence[Stage], *, capacity: int,
                  row_len: int, max_batch_tokens: int, link_bytes_s: float,
                  at: Callable[..., None], on_token: OnToken) -> None:
         self.key = key

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from loadgen.sim.config import SimConfig, SimModel
-from loadgen.sim.engine import SimEngine, StageSpec
+from loadgen.sim.engine import SimEngine
 from loadgen.sim.events import EventLoop
 from services.router.routing import Assignment, RouteChange, RouteKind, RoutingPolicy, RoutingTable
 from services.scaler.core import CoreParams, ManifestLookup, ScalerState, TickInputs, plan_tick
@@ -60,7 +60,7 @@ from services.scaler.reconcile import (
 from services.scaler.redrive import TransferInfo, by_deployment, stalled_rows, uncovered
 from services.transfer.planner import Edge, plan_multicast, ready_edges, replan
 from shared.errors import LScaleError, NoCapacity, PlanError
-from shared.messages import LoadReport
+from shared.messages import LoadReport, Stage
 
 PENDING_TIMEOUT_S = 60.0
 REDRIVE_AFTER_S = 2.0  # the scaler's redrive_after_s default
@@ -319,7 +319,7 @@ class Platform:
         engine = self.engines.get(key)
         if engine is None:
             assert route.kind is RouteKind.PIPELINE and route.pipeline is not None
-            stages = [StageSpec(s.executor_id, s.start, s.stop) for s in route.pipeline.stages]
+            stages = list(route.pipeline.stages)
             engine = self._engine(key, model, stages)
         try:
             engine.add(r.rid, r.prompt, r.output, now)
@@ -330,7 +330,7 @@ class Platform:
             return
         r.engine = key
 
-    def _engine(self, key: str, model: SimModel, stages: list[StageSpec]) -> SimEngine:
+    def _engine(self, key: str, model: SimModel, stages: list[Stage]) -> SimEngine:
         cl = self.cfg.cluster
         engine = SimEngine(key, model.pace, stages, capacity=self._kv_rows(model),
                            row_len=cl.max_seq_len, max_batch_tokens=cl.max_batch_tokens,
@@ -509,7 +509,7 @@ class Platform:
         self._ready[m.name] = self._ready.get(m.name, 0) + 1
         self._ready_since.setdefault(m.name, now)
         self._report(e)
-        self._engine(f"local:{e.eid}", m, [StageSpec(e.eid, 0, m.num_layers)])
+        self._engine(f"local:{e.eid}", m, [Stage(e.eid, 0, m.num_layers)])
         self._disk_keep(e.node, m.name, now)
         self._apply_readiness(m.name, {e.eid: frozenset(range(m.num_layers))})
 

@@ -103,6 +103,7 @@ from shared.messages import (
     decode_control,
 )
 from shared.metrics_http import MetricsEndpoint
+from shared.metrics_schema import EventKind
 from shared.runtime import Service
 from shared.transport.peer import DataPlanePeer, serve_send_chunks
 
@@ -325,7 +326,7 @@ class ExecutorService(Service[ExecutorConfig]):
                 disk, self.config.disk_read_bytes_per_s)), f"disk-load-{copy.model}")
         elif request.load_from == "store":
             await self._start_store_load(copy)
-        await self.emit("executor.assigned", model=request.model, reason=request.load_from,
+        await self.emit(EventKind.EXECUTOR_ASSIGNED, model=request.model, reason=request.load_from,
                         executor_id=self.id, ready_layers=len(copy.ready_layers))
         return self._assign_reply(copy)
 
@@ -362,7 +363,7 @@ class ExecutorService(Service[ExecutorConfig]):
             copy.load_error = f"load from {tier} failed: {exc}"
             self._last_load_error = copy.load_error
             self.log.error("local load failed", model=copy.model, tier=tier, error=str(exc))
-            await self.emit("executor.load_failed", model=copy.model, reason=copy.load_error,
+            await self.emit(EventKind.EXECUTOR_LOAD_FAILED, model=copy.model, reason=copy.load_error,
                             executor_id=self.id)
             return
         self.log.info(f"loaded from {tier}", model=copy.model,
@@ -385,7 +386,7 @@ class ExecutorService(Service[ExecutorConfig]):
         copy.load_error = str(error)
         self._last_load_error = copy.load_error
         self.log.error("load from the store failed", model=copy.model, error=str(error))
-        await self.emit("executor.load_failed", model=copy.model, reason=str(error),
+        await self.emit(EventKind.EXECUTOR_LOAD_FAILED, model=copy.model, reason=str(error),
                         executor_id=self.id)
         return error
 
@@ -400,7 +401,7 @@ class ExecutorService(Service[ExecutorConfig]):
         kept = await self._release_current(
             keep_host_copy=request.keep_host_copy,
             error=Unavailable(f"model {request.model!r} was released from executor {self.id}"))
-        await self.emit("executor.released", model=request.model, executor_id=self.id,
+        await self.emit(EventKind.EXECUTOR_RELEASED, model=request.model, executor_id=self.id,
                         reason="host copy kept" if kept else "freed")
         return Ack(ok=True, detail=("host copy kept" if kept else "freed")
                    + (f"; evicted {dropped}" if dropped else ""))
@@ -464,7 +465,7 @@ class ExecutorService(Service[ExecutorConfig]):
         self.log.info("serving locally", model=copy.model,
                       build_s=round(time.monotonic() - started, 3))
         await self._publish_readiness()
-        await self.emit("executor.complete", model=copy.model, executor_id=self.id,
+        await self.emit(EventKind.EXECUTOR_COMPLETE, model=copy.model, executor_id=self.id,
                         reason="every block verified; serving locally")
 
     def _make_engine(self, copy: WeightCopy) -> Engine:

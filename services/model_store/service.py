@@ -87,6 +87,7 @@ from shared.messages import (
     ModelSummary,
     SendChunks,
 )
+from shared.metrics_schema import EventKind
 from shared.model.checkpoint import open_checkpoint
 from shared.model.layout import BlockEntry, ModelManifest, plan_layout
 from shared.model.store_dir import ModelStoreDir, check_model_name
@@ -96,9 +97,9 @@ if TYPE_CHECKING:
     import torch
 
 QUEUE = "model_store"
-INGEST_EVENT = "model.ingest"
-REMOVED_EVENT = "model.removed"
-CORRUPT_EVENT = "model.corrupt"
+INGEST_EVENT = EventKind.MODEL_INGEST
+REMOVED_EVENT = EventKind.MODEL_REMOVED
+CORRUPT_EVENT = EventKind.MODEL_CORRUPT
 # room left in a reply for the envelope and the message's own fields
 _REPLY_OVERHEAD = 4096
 
@@ -190,7 +191,7 @@ class ModelStoreService(Service[StoreConfig]):
             ("source", subjects.STORE_SOURCE, self._source, None),
         ):
             await self.endpoint(name, subject, handler, message_type=mtype, queue=QUEUE)
-        await self.endpoint("status", f"lscale.model_store.{self.id}.status", self._status)
+        await self.endpoint("status", subjects.service_status("model_store", self.id), self._status)
         self.spawn(self._housekeeping(), "housekeeping")
 
     async def teardown(self) -> None:

@@ -102,6 +102,7 @@ from shared.messages import (
     Stage,
     TokenChunk,
 )
+from shared.metrics_schema import EventKind
 
 log = structlog.get_logger("router.backend")
 
@@ -513,7 +514,7 @@ class NatsBackend:
         # news, not part of serving: published from a task, which runs while this request
         # waits for the executor's ack instead of before its InferRequest leaves
         self._background(self._emit(
-            "request.routed", model=flight.model, reason=reason,
+            EventKind.REQUEST_ROUTED, model=flight.model, reason=reason,
             request_id=flight.request_id, via=route.kind.value, route_id=route.route_id,
             executors=list(route.executors), attempt=flight.attempt + 1,
             generated=len(flight.generated),
@@ -715,11 +716,11 @@ class NatsBackend:
             for pid in sorted(change.diff.added):
                 pipeline = plan.pipeline(pid) if plan else None
                 stages = [str(s) for s in pipeline.stages] if pipeline else []
-                await self._emit("pipeline.up", model=change.model, reason=reason,
+                await self._emit(EventKind.PIPELINE_UP, model=change.model, reason=reason,
                                  pipeline_id=pid, stages=stages)
             for pid in sorted(change.diff.broken | change.diff.retired):
                 why = "broken" if pid in change.diff.broken else "retired"
-                await self._emit("pipeline.down", model=change.model, reason=f"{why}: {reason}",
+                await self._emit(EventKind.PIPELINE_DOWN, model=change.model, reason=f"{why}: {reason}",
                                  pipeline_id=pid, state=why)
 
     def _apply_sync(self, changes: Sequence[RouteChange], reason: str = "") -> None:

@@ -159,9 +159,6 @@ class ModelQueue:
             )
         self._items.append(item)
 
-    def peek(self) -> QueuedRequest | None:
-        return self._items[0] if self._items else None
-
     def pop(self) -> QueuedRequest:
         return self._items.popleft()
 
@@ -230,15 +227,6 @@ class RoutingTable:
                 del state.ready[executor_id]
                 changes.append(self._replan(model))
         return changes
-
-    def remove_model(self, model: str) -> RouteChange:
-        state = self._models.get(model)
-        if state is None:
-            raise ModelNotFound(f"unknown model {model!r}")
-        state.ready.clear()
-        change = self._replan(model)
-        del self._models[model]
-        return change
 
     def plan(self, model: str) -> PipelinePlan | None:
         state = self._models.get(model)

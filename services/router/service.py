@@ -24,6 +24,7 @@ from services.router.http import ApiConfig, create_app, http_protocol
 from services.router.httpguard import HttpTimeouts
 from services.router.metrics import RouterMetrics
 from services.router.nats_backend import BackendSettings, NatsBackend
+from shared import subjects
 from shared.config import ServiceConfig
 from shared.errors import ConfigError, LScaleError
 from shared.runtime import Service
@@ -179,7 +180,7 @@ class RouterService(Service[RouterConfig]):
                 if self._server_task.done():
                     raise LScaleError(f"the HTTP server stopped at start-up on {self.http_url}")
                 await asyncio.sleep(0.01)
-        await self.endpoint("status", f"lscale.router.{self.id}.status", self._status)
+        await self.endpoint("status", subjects.service_status("router", self.id), self._status)
         self.log.info("http listening", url=self.http_url, port=self.http_port)
 
     def metadata(self) -> dict[str, str]:

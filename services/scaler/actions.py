@@ -26,7 +26,7 @@ from services.scaler.config import ScalerConfig
 from services.scaler.core import ManifestLookup
 from services.scaler.events import action_event
 from services.scaler.observe import Observation
-from services.scaler.placement import plan_multicast
+from services.scaler.placement import multicast_request
 from services.scaler.provisioners import Provisioner
 from services.scaler.reconcile import (
     INSTANCE_KV_PREFIX,
@@ -58,6 +58,7 @@ from shared.messages import (
     StatusQuery,
     replace,
 )
+from shared.metrics_schema import EventKind
 from shared.model.layout import manifest_weights_digest
 from shared.runtime import Service
 
@@ -145,7 +146,7 @@ class ScalerActions(Service[ScalerConfig]):
         reason = exc.code if isinstance(exc, LScaleError) else "failed"
         message = exc.message if isinstance(exc, LScaleError) else exc
         self.log.warning(f"{what} failed", key=action.key, error=message)
-        self._publish(Event(kind=f"scale.{what}.failed", source=self._source, time=time.time(),
+        self._publish(Event(kind=EventKind(f"scale.{what}.failed"), source=self._source, time=time.time(),
                             reason=reason, model=getattr(action, "model", None),
                             data={"deployment": action.deployment, "key": action.key,
                                   "error": message, **data}))
@@ -355,7 +356,7 @@ class ScalerActions(Service[ScalerConfig]):
         if not regions:
             return
         try:
-            request = plan_multicast(model_holders(view, model, view.instances, ()),
+            request = multicast_request(model_holders(view, model, view.instances, ()),
                                      sorted(regions), strategy=self.config.strategy)
         except PlanError as exc:
             self.log.warning("loading rows without a multicast and no source", model=model,
@@ -409,13 +410,13 @@ class ScalerActions(Service[ScalerConfig]):
         except LScaleError as exc:
             self._state = core.provisioned(self._state, None, time.time())
             self.log.warning("provisioner could not start executors", n=n, error=str(exc))
-            self._publish(Event(kind="scale.provision.failed", source=self._source,
+            self._publish(Event(kind=EventKind.SCALE_PROVISION_FAILED, source=self._source,
                                 time=time.time(), reason=exc.code,
                                 data={"n": n, "error": exc.message}))
             return
         now = time.time()
         self._state = core.provisioned(self._state, ids, now)
-        self._publish(Event(kind="scale.provision", source=self._source, time=now,
+        self._publish(Event(kind=EventKind.SCALE_PROVISION, source=self._source, time=now,
                             reason="shortfall", data={"executors": ids,
                                                       "provisioner": self.config.provisioner}))
 
@@ -427,6 +428,6 @@ class ScalerActions(Service[ScalerConfig]):
             self.log.warning("provisioner could not stop an executor", executor=executor_id,
                              error=str(exc))
             return
-        self._publish(Event(kind="scale.unprovision", source=self._source, time=time.time(),
+        self._publish(Event(kind=EventKind.SCALE_UNPROVISION, source=self._source, time=time.time(),
                             reason="idle", data={"executor_id": executor_id}))
 

@@ -63,6 +63,7 @@ from services.scaler.reconcile import (
     settle_pending,
 )
 from shared.messages import Event, LoadReport, RegionDescriptor, StartTransfer, replace
+from shared.metrics_schema import EventKind
 from shared.model.layout import manifest_weights_digest
 
 # --- the store's answers ------------------------------------------------------------------
@@ -323,7 +324,7 @@ def screen(result: ReconcileResult, specs: Mapping[str, DeploymentSpec],
         announced[name] = why[0]
         spec = specs.get(name)
         notices.append(Blocked(name, why[0], why[1], Event(
-            kind="scale.blocked", source=source, time=now, reason=why[0],
+            kind=EventKind.SCALE_BLOCKED, source=source, time=now, reason=why[0],
             model=spec.model if spec else None, data={"deployment": name, "detail": why[1]})))
 
     for name, message in result.errors.items():
@@ -563,13 +564,13 @@ class MulticastLaunch:
         return data
 
     def started(self, transfer_id: str | None, now: float, source: str = "scaler") -> Event:
-        return Event(kind="scale.multicast.started", source=source, time=now,
+        return Event(kind=EventKind.SCALE_MULTICAST_STARTED, source=source, time=now,
                      reason=self.request.source_tier.value, model=self.request.model,
                      data=self._data(transfer_id=transfer_id, receivers=self.receivers,
                                      sources=list(self.request.sources)))
 
     def failed(self, code: str, message: str, now: float, source: str = "scaler") -> Event:
-        return Event(kind="scale.multicast.failed", source=source, time=now, reason=code,
+        return Event(kind=EventKind.SCALE_MULTICAST_FAILED, source=source, time=now, reason=code,
                      model=self.request.model,
                      data=self._data(error=message, receivers=self.receivers))
 
@@ -611,7 +612,7 @@ def silence_due(records: Mapping[str, InstanceRecord], observations: Mapping[str
 def table_change_event(change: observe.TableChange, now: float, source: str = "scaler") -> Event:
     """``instance.ready`` or ``instance.gone`` for one housekeeping change."""
     record = change.record
-    kind = "instance.ready" if change.change is observe.Change.READY else "instance.gone"
+    kind = EventKind.INSTANCE_READY if change.change is observe.Change.READY else EventKind.INSTANCE_GONE
     return Event(kind=kind, source=source, time=now, reason=change.change.value,
                  model=record.model, data={"deployment": record.deployment,
                                            "executor_id": change.executor_id,

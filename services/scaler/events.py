@@ -24,24 +24,20 @@ from services.scaler.reconcile import (
     StartMulticast,
 )
 from shared.messages import Event
+from shared.metrics_schema import EventKind
 
 SOURCE = "scaler"
 
-KIND_SCALE_OUT = "scale.out"
-KIND_SCALE_IN = "scale.in"
-KIND_SCALE_HOLD = "scale.hold"
-KIND_PLACEMENT = "scale.placement"
-KIND_SCALE_IN_PLAN = "scale.in.plan"
 
 
 def decision_event(decision: Decision, source: str = SOURCE) -> Event:
     """One event per policy decision; the kind says the direction, the reason says why."""
     if decision.delta > 0:
-        kind = KIND_SCALE_OUT
+        kind = EventKind.SCALE_OUT
     elif decision.delta < 0:
-        kind = KIND_SCALE_IN
+        kind = EventKind.SCALE_IN
     else:
-        kind = KIND_SCALE_HOLD
+        kind = EventKind.SCALE_HOLD
     return Event(
         kind=kind,
         source=source,
@@ -77,7 +73,7 @@ def placement_event(
             "source_tier": plan.multicast.source_tier.value,
         }
     return Event(
-        kind=KIND_PLACEMENT,
+        kind=EventKind.SCALE_PLACEMENT,
         source=source,
         time=time,
         reason=plan.reason,
@@ -91,7 +87,7 @@ def scale_in_event(
 ) -> Event:
     demoted = [r.executor_id for r in plan.removals if r.demote]
     return Event(
-        kind=KIND_SCALE_IN_PLAN,
+        kind=EventKind.SCALE_IN_PLAN,
         source=source,
         time=time,
         reason="demote" if demoted else "release",
@@ -116,12 +112,12 @@ def action_event(action: Action, time: float, source: str = SOURCE) -> Event:
     data: dict[str, Any] = {"deployment": action.deployment, "key": action.key}
     model: str | None
     if isinstance(action, Assign):
-        kind, reason, model = "scale.assign", action.source_tier.value, action.model
+        kind, reason, model = EventKind.SCALE_ASSIGN, action.source_tier.value, action.model
         data.update(executor_id=action.executor_id, transfer=action.transfer,
                     load_from=action.load_from)
     elif isinstance(action, StartMulticast):
         request = action.request
-        kind, reason, model = "scale.multicast", request.source_tier.value, request.model
+        kind, reason, model = EventKind.SCALE_MULTICAST, request.source_tier.value, request.model
         data.update(
             sources=list(request.sources),
             receivers=list(request.receivers),
@@ -129,17 +125,17 @@ def action_event(action: Action, time: float, source: str = SOURCE) -> Event:
             k=request.k,
         )
     elif isinstance(action, Demote):
-        kind, reason, model = "scale.demote", "keep_in_host_memory", action.model
+        kind, reason, model = EventKind.SCALE_DEMOTE, "keep_in_host_memory", action.model
         data.update(executor_id=action.executor_id, evict=list(action.evict))
     elif isinstance(action, Release):
-        kind, reason, model = "scale.release", "scale_in", action.model
+        kind, reason, model = EventKind.SCALE_RELEASE, "scale_in", action.model
         data.update(executor_id=action.executor_id)
     elif isinstance(action, Adopt):
-        kind, reason, model = "scale.adopt", "reported_by_executor", action.model
+        kind, reason, model = EventKind.SCALE_ADOPT, "reported_by_executor", action.model
         data.update(executor_id=action.executor_id, ready=action.ready)
     else:
         assert isinstance(action, Forget)
-        kind, reason, model = "scale.forget", "executor_lost", None
+        kind, reason, model = EventKind.SCALE_FORGET, "executor_lost", None
         data.update(executor_id=action.executor_id)
     return Event(kind=kind, source=source, time=time, reason=reason, model=model, data=data)
 

@@ -69,18 +69,6 @@ class Holders:
     store_id: str = STORE_SOURCE_ID
     disk: tuple[str, ...] = ()  # executors with a local-disk copy (used by local_tiers only)
 
-    @property
-    def best_tier(self) -> Tier | None:
-        if self.gpu:
-            return Tier.GPU
-        if self.host:
-            return Tier.HOST
-        if self.store_memory:
-            return Tier.STORE_MEMORY
-        if self.store_disk:
-            return Tier.STORE_DISK
-        return None
-
 
 @dataclass(frozen=True)
 class LocalLoad:
@@ -168,7 +156,7 @@ def plan_scale_out(
     receivers = tuple(e for e in chosen if e not in host_holders)
     shortfall = n - len(chosen)
 
-    multicast = plan_multicast(holders, receivers, strategy=strategy,
+    multicast = multicast_request(holders, receivers, strategy=strategy,
                                max_sources=max_sources) if receivers else None
     return PlacementPlan(
         model=model, requested=n, local_loads=local, multicast=multicast, shortfall=shortfall
@@ -186,13 +174,13 @@ def _plan_local_tiers(model: str, n: int, free: list[str], holders: Holders,
     local = tuple(LocalLoad(e, model, Tier.HOST if e in host else Tier.LOCAL_DISK)
                   for e in chosen if e in host or e in disk)
     receivers = tuple(e for e in chosen if e not in host and e not in disk)
-    multicast = plan_multicast(holders, receivers, strategy=PULL_FROM_STORE,
+    multicast = multicast_request(holders, receivers, strategy=PULL_FROM_STORE,
                                max_sources=max_sources) if receivers else None
     return PlacementPlan(model=model, requested=n, local_loads=local, multicast=multicast,
                          shortfall=n - len(chosen))
 
 
-def plan_multicast(
+def multicast_request(
     holders: Holders,
     receivers: Sequence[str],
     *,
@@ -296,10 +284,6 @@ class HostCache:
     @property
     def used_bytes(self) -> int:
         return sum(c.size_bytes for c in self.copies)
-
-    @property
-    def free_bytes(self) -> int:
-        return self.budget_bytes - self.used_bytes
 
     @property
     def models(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ So every reconcile tick the shell asks three questions, each answered here witho
 3. :func:`redrive_receivers` — given each receiver's own status (``exec_ctl``
    :class:`~shared.messages.StatusQuery`), which still hold that model's weight buffer (its region) and lack
    layers; the shell multicasts to those, sources chosen by
-   :func:`~services.scaler.placement.plan_multicast` as for any scale-out. Nobody is assigned
+   :func:`~services.scaler.placement.multicast_request` as for any scale-out. Nobody is assigned
    again: the receivers keep the buffers they were assigned, the multicast only fills them.
 """
 

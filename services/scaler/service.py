@@ -76,6 +76,7 @@ from shared.messages import (
     MetricsSnapshot,
     Undeploy,
 )
+from shared.metrics_schema import EventKind
 
 __all__ = ["PROVISIONERS", "ManifestLookup", "ScalerConfig", "ScalerService", "fetch_manifest"]
 
@@ -236,7 +237,7 @@ class ScalerService(ScalerActions):
             self.log.warning("deployed a model the store could not confirm", model=spec.model,
                              problem=lookup.problem, detail=lookup.detail)
         await self._kv_put(self.deployments_kv, spec.kv_key, spec.to_dict())
-        await self.emit("deployment.updated" if existing else "deployment.created",
+        await self.emit(EventKind.DEPLOYMENT_UPDATED if existing else EventKind.DEPLOYMENT_CREATED,
                         reason="operator", model=spec.model, deployment=spec.to_dict(),
                         **unchecked)
         self._wake.set()
@@ -263,7 +264,7 @@ class ScalerService(ScalerActions):
         if existing is None:
             raise ModelNotFound(f"no deployment named {request.name!r}", deployment=request.name)
         await self._kv_delete(self.deployments_kv, kv_key(request.name))
-        await self.emit("deployment.removed", reason="operator", model=existing.model,
+        await self.emit(EventKind.DEPLOYMENT_REMOVED, reason="operator", model=existing.model,
                         deployment=existing.to_dict())
         self._wake.set()
         return {"name": request.name, "removed": True}

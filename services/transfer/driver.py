@@ -279,22 +279,3 @@ async def run_plan(plan: MulticastPlan, send: SendFn, *, timeout_s: float = 600.
                    chunk_bytes: Callable[[int], int] | None = None,
                    probe: ProbeFn | None = None) -> TransferResult:
     return await TransferDriver(plan, send, chunk_bytes=chunk_bytes, probe=probe).run(timeout_s)
-
-
-def first_pipeline_seconds(result: TransferResult, blocks: int, parts: int,
-                           receivers: Sequence[str]) -> float | None:
-    """When the receivers together first held every block on distinct nodes, in order."""
-    from services.transfer.planner import find_pipeline
-
-    count: dict[tuple[str, int], int] = defaultdict(int)
-    have: dict[str, set[int]] = {r: set() for r in receivers}
-    for t, node, chunk in sorted(result.arrivals):
-        if node not in have:
-            continue
-        block = chunk // parts
-        count[(node, block)] += 1
-        if count[(node, block)] == parts:
-            have[node].add(block)
-            if find_pipeline(have, blocks) is not None:
-                return t
-    return None

@@ -82,10 +82,6 @@ class MulticastPlan:
     def num_ticks(self) -> int:
         return len(self.ticks)
 
-    def chunk_of(self, chunk: int) -> tuple[int, int]:
-        """Flat chunk index -> (block, part)."""
-        return divmod(chunk, self.parts)
-
     def edges(self) -> list[Edge]:
         return [e for tick in self.ticks for e in tick]
 
@@ -120,17 +116,6 @@ class MulticastPlan:
         for e in self.edges():
             out[e.src].append(e)
         return dict(out)
-
-    def completion_tick(self) -> dict[str, int]:
-        """The tick (0-based) after which each receiver holds every chunk."""
-        count: dict[str, int] = defaultdict(int)
-        done: dict[str, int] = {}
-        for t, tick in enumerate(self.ticks):
-            for e in tick:
-                count[e.dst] += 1
-                if count[e.dst] == self.num_chunks:
-                    done[e.dst] = t
-        return done
 
     def validate(self) -> None:
         """Raise :class:`PlanError` unless the plan is executable and complete."""
@@ -417,84 +402,3 @@ def replan(held: Mapping[str, Iterable[int]], alive: Iterable[str], receivers: I
             state[e.dst].add(e.chunk)
         ticks.append(sorted(moves))
     return ticks
-
-
-# --------------------------------------------------------------------------------------------
-# execute-while-load: when can the receivers together serve as a pipeline?
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PipelineStage:
-    node: str
-    first_block: int
-    last_block: int  # inclusive
-    first_layer: int
-    last_layer: int  # inclusive
-
-
-def complete_blocks(held: frozenset[int] | set[int], blocks: int, parts: int) -> set[int]:
-    return {b for b in range(blocks) if all(b * parts + p in held for p in range(parts))}
-
-
-def find_pipeline(have: Mapping[str, set[int]], blocks: int) -> list[tuple[str, int, int]] | None:
-    """Distinct nodes whose contiguous runs of complete blocks cover 0..blocks-1 in order.
-
-    Depth-first, longest run first (fewest stages); memoised on (next block, nodes used).
-    """
-    nodes = sorted(have)
-    seen: set[tuple[int, frozenset[str]]] = set()
-
-    def search(start: int, used: frozenset[str]) -> list[tuple[str, int, int]] | None:
-        if start == blocks:
-            return []
-        if (start, used) in seen:
-            return None
-        seen.add((start, used))
-        options: list[tuple[int, str]] = []
-        for node in nodes:
-            if node in used or start not in have[node]:
-                continue
-            end = start
-            while end + 1 < blocks and end + 1 in have[node]:
-                end += 1
-            options.append((end, node))
-        for end, node in sorted(options, key=lambda o: (-o[0], o[1])):
-            # a shorter run of the same node is never better than its longest: the rest of
-            # the search only depends on where the next stage starts, and later starts are
-            # covered by other nodes; still try every end so that distinctness can be met
-            for stop in range(end, start - 1, -1):
-                rest = search(stop + 1, used | {node})
-                if rest is not None:
-                    return [(node, start, stop), *rest]
-        return None
-
-    return search(0, frozenset())
-
-
-def first_pipeline_tick(plan: MulticastPlan, layer_ranges: Sequence[tuple[int, int]]
-                        ) -> tuple[int, list[PipelineStage]] | None:
-    """First tick after which the receivers together can form an execution pipeline.
-
-    ``layer_ranges[b]`` is block b's (first_layer, last_layer), inclusive. Returns the tick and
-    the pipeline (which receiver serves which blocks/layers), or None if none forms.
-    """
-    if len(layer_ranges) != plan.blocks:
-        raise PlanError(f"{len(layer_ranges)} layer ranges for {plan.blocks} blocks")
-    have: dict[str, set[int]] = {r: set() for r in plan.receivers}
-    count: dict[tuple[str, int], int] = defaultdict(int)
-    for t, tick in enumerate(plan.ticks):
-        changed = False
-        for e in tick:
-            block = e.chunk // plan.parts
-            count[(e.dst, block)] += 1
-            if count[(e.dst, block)] == plan.parts:
-                have[e.dst].add(block)
-                changed = True
-        if not changed:
-            continue
-        route = find_pipeline(have, plan.blocks)
-        if route is not None:
-            return t, [PipelineStage(node, a, b, layer_ranges[a][0], layer_ranges[b][1])
-                       for node, a, b in route]
-    return None

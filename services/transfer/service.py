@@ -57,6 +57,7 @@ from shared.messages import (
     TransferProgress,
     TransferStarted,
 )
+from shared.metrics_schema import EventKind
 from shared.runtime import Service
 
 STORE_SOURCE_ID = "store"
@@ -92,7 +93,7 @@ class TransferService(Service[ServiceConfig]):
         await self.endpoint("start", subjects.TRANSFER_START, self._start,
                             message_type=StartTransfer, queue="transfer")
         await self.endpoint("status", subjects.TRANSFER_STATUS, self._status)
-        await self.endpoint("instance-status", f"lscale.transfer.{self.id}.status",
+        await self.endpoint("instance-status", subjects.service_status("transfer", self.id),
                             self._instance_status)
 
     def metrics(self) -> dict[str, Any]:
@@ -245,7 +246,7 @@ class TransferService(Service[ServiceConfig]):
             await self._publish(progress, TransferProgress(
                 transfer_id=tid, model=req.model, state="failed", time=time.time(),
                 failed=dict(driver.failed), error=str(exc)))
-            await self.emit("transfer.failed", reason=str(exc), model=req.model,
+            await self.emit(EventKind.TRANSFER_FAILED, reason=str(exc), model=req.model,
                             transfer_id=tid)
             return
         state = "done" if result.complete else "failed"
@@ -253,7 +254,7 @@ class TransferService(Service[ServiceConfig]):
                                    failed=result.failed, replans=result.replans,
                                    elapsed_s=result.elapsed_s)
         await self._publish(progress, self._final(tid, req.model, state, result))
-        await self.emit(f"transfer.{state}", reason=f"{len(result.completion_s)} receivers "
+        await self.emit(EventKind(f"transfer.{state}"), reason=f"{len(result.completion_s)} receivers "
                         f"complete in {result.elapsed_s:.2f}s", model=req.model,
                         transfer_id=tid, failed=result.failed)
 

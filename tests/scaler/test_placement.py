@@ -12,7 +12,7 @@ from services.scaler.placement import (
     InstanceInfo,
     Tier,
     choose_instances_to_remove,
-    plan_multicast,
+    multicast_request,
     plan_scale_in,
     plan_scale_out,
 )
@@ -140,7 +140,7 @@ def test_local_tiers_loads_each_instance_from_its_own_fastest_tier() -> None:
     assert multicast.local_loads == () and multicast.multicast is not None
     assert set(multicast.multicast.receivers) == {"d1", "f1"}
     # a re-drive of the store readers asks for pull_from_store too
-    assert plan_multicast(holders, ["f1"], strategy="local_tiers").strategy == "pull_from_store"
+    assert multicast_request(holders, ["f1"], strategy="local_tiers").strategy == "pull_from_store"
 
 
 @settings(max_examples=200, deadline=None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.scaler.observe import Observation
-from services.scaler.placement import Holders, Tier, plan_multicast
+from services.scaler.placement import Holders, Tier, multicast_request
 from services.scaler.reconcile import InstanceRecord, InstanceState
 from services.scaler.redrive import (
     CLOCK_SLACK_S,
@@ -139,18 +139,18 @@ def test_rows_group_per_deployment_and_model() -> None:
 
 def test_a_re_driven_multicast_takes_sources_in_tier_order_never_a_receiver() -> None:
     both = Holders("m", gpu=("g1", "g2"), host=("h1",), store_memory=True, store_disk=True)
-    request = plan_multicast(both, ["r1", "r2", "r1"])
+    request = multicast_request(both, ["r1", "r2", "r1"])
     assert request.receivers == ("r1", "r2") and request.source_tier is Tier.GPU
     assert request.sources == ("g1", "g2")
     # one receiver: one pipeline is enough
-    assert plan_multicast(both, ["r1"]).sources == ("g1",)
+    assert multicast_request(both, ["r1"]).sources == ("g1",)
     # a receiver is never its own source; the next tier serves
-    assert plan_multicast(Holders("m", host=("r1",), store_disk=True), ["r1"]).sources == (
+    assert multicast_request(Holders("m", host=("r1",), store_disk=True), ["r1"]).sources == (
         "store",)
-    store = plan_multicast(Holders("m", gpu=("g1",), store_memory=True), ["r1"],
+    store = multicast_request(Holders("m", gpu=("g1",), store_memory=True), ["r1"],
                            strategy="pull_from_store")
     assert store.sources == ("store",) and store.source_tier is Tier.STORE_MEMORY
     with pytest.raises(PlanError):
-        plan_multicast(Holders("m"), ["r1"])
+        multicast_request(Holders("m"), ["r1"])
     with pytest.raises(InvalidParameter):
-        plan_multicast(both, [])
+        multicast_request(both, [])

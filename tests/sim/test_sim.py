@@ -30,11 +30,12 @@ import shared.engine.pacing as pacing
 import shared.engine.scheduler as scheduler
 import shared.model.layout as layout
 from loadgen.sim.config import GBIT, MODES, ClusterSpec, DeploymentDefaults, SimConfig, make_model
-from loadgen.sim.engine import SimEngine, StageSpec
+from loadgen.sim.engine import SimEngine
 from loadgen.sim.platform import Platform, SimArrival
 from loadgen.sim.workload import assign_models
 from loadgen.trace import Arrival
 from services.scaler.reconcile import StartMulticast
+from shared.messages import Stage
 
 SIM_DIR = Path(sim_platform.__file__).parent
 # the module the scaler's shell calls its tick through (``core.plan_tick``)
@@ -308,7 +309,7 @@ def test_engine_fast_forward_matches_step_by_step_times() -> None:
     def at(when: float, fn: object, *args: object) -> None:
         pending.append((when, fn, args))
 
-    eng = SimEngine("e", pace, [StageSpec("x", 0, 32)], capacity=8, row_len=4096,
+    eng = SimEngine("e", pace, [Stage("x", 0, 32)], capacity=8, row_len=4096,
                     max_batch_tokens=4096, link_bytes_s=1e10, at=at,
                     on_token=lambda rid, t, fin: events.append((rid, t, fin)))
     eng.add("a", 100, 5, 0.0)

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from services.transfer.driver import TransferDriver, first_pipeline_seconds, run_plan
+from loadgen.bench_multicast import first_pipeline_seconds  # the router's builder
+from services.transfer.driver import TransferDriver, run_plan
 from services.transfer.planner import Edge, plan_multicast
 from shared.errors import PlanError, TransportError
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -12,7 +11,6 @@ from services.transfer.planner import (
     Edge,
     binomial_bound,
     binomial_pipeline,
-    first_pipeline_tick,
     plan_multicast,
     ready_edges,
     replan,
@@ -136,39 +134,6 @@ def test_replan_finishes_from_survivors(n_recv: int, blocks: int, cut: int, dead
 def test_replan_refuses_when_a_chunk_is_lost() -> None:
     with pytest.raises(PlanError, match="held by no live node"):
         replan({"s": {0, 1}, "r0": {0}}, ["r0", "r1"], ["r0", "r1"], 2)
-
-
-def test_first_pipeline_tick_k2_is_before_completion() -> None:
-    blocks = 8
-    ranges = [(4 * b, 4 * b + 3) for b in range(blocks)]
-    plan = plan_multicast("lambdapipe", ["h0", "h1"], _names("r", 8), blocks, 4)
-    found = first_pipeline_tick(plan, ranges)
-    assert found is not None
-    tick, stages = found
-    assert tick < plan.num_ticks - 1
-    # the stages are distinct receivers covering layers 0..31 in order, and they really hold
-    held = plan.held_after(tick)
-    assert len({s.node for s in stages}) == len(stages)
-    assert stages[0].first_layer == 0 and stages[-1].last_layer == 31
-    for a, b in itertools.pairwise(stages):
-        assert b.first_block == a.last_block + 1
-    for s in stages:
-        for blk in range(s.first_block, s.last_block + 1):
-            assert all(blk * 4 + p in held[s.node] for p in range(4))
-    # one tick earlier no pipeline exists
-    earlier = plan.held_after(tick - 1)
-    from services.transfer.planner import complete_blocks, find_pipeline
-    have = {r: complete_blocks(earlier[r], blocks, 4) for r in plan.receivers}
-    assert find_pipeline(have, blocks) is None
-
-
-def test_find_pipeline_needs_distinct_nodes() -> None:
-    from services.transfer.planner import find_pipeline
-    assert find_pipeline({"a": {0, 2}}, 3) is None
-    assert find_pipeline({"a": {0, 2}, "b": {1}}, 3) is None  # "a" cannot serve two stages
-    assert find_pipeline({"a": {0, 2}, "b": {1}, "c": {2}}, 3) == [
-        ("a", 0, 0), ("b", 1, 1), ("c", 2, 2)]
-    assert find_pipeline({"a": {0, 1}, "b": {1, 2}}, 3) == [("a", 0, 1), ("b", 2, 2)]
 
 
 def test_lambdapipe_bound_exhaustive_small() -> None:
