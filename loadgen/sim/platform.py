@@ -43,8 +43,7 @@ from services.router.routing import Assignment, RouteChange, RouteKind, RoutingP
 from services.scaler.core import CoreParams, ManifestLookup, ScalerState, TickInputs, plan_tick
 from services.scaler.deployment import DeploymentSpec
 from services.scaler.observe import Observation
-from services.scaler.placement import STORE_SOURCE_ID, HostCache, HostCopy, Tier
-from services.scaler.placement import plan_multicast as place_multicast
+from services.scaler.placement import STORE_SOURCE_ID, HostCache, HostCopy, Tier, multicast_request
 from services.scaler.reconcile import (
     LOAD_DISK,
     LOAD_MULTICAST,
@@ -718,9 +717,9 @@ class Platform:
             if not lost:
                 continue
             try:
-                request = place_multicast(model_holders(view, model, view.instances, ()),
-                                         sorted(r.executor_id for r in lost),
-                                         strategy=n.strategy)
+                request = multicast_request(model_holders(view, model, view.instances, ()),
+                                            sorted(r.executor_id for r in lost),
+                                            strategy=n.strategy)
             except PlanError:
                 continue
             self.redrives += 1

@@ -61,7 +61,7 @@ SAME_FUNCTIONS = [
     (sim_platform, "stalled_rows", redrive),
     (sim_platform, "uncovered", redrive),
     (sim_platform, "model_holders", reconcile),
-    (actions, "plan_multicast", placement),  # the shell's re-drive picks sources with it...
+    (actions, "multicast_request", placement),  # the shell's re-drive picks sources with it...
     (sim_platform, "plan_multicast", planner),
     (sim_platform, "replan", planner),
     (sim_platform, "ready_edges", planner),  # the driver's edge rule...
@@ -88,9 +88,9 @@ def test_the_scaler_shell_ticks_with_the_core_module_itself() -> None:
     # the shell calls ``core.plan_tick`` through the module: the module must be the one
     assert SHELL_CORE is core
     assert vars(actions)["redrive"] is redrive  # and re-drives with the pure module
-    # ...and so does the simulator's (imported there as place_multicast: the planner's
-    # plan_multicast has the name)
-    assert vars(sim_platform)["place_multicast"] is placement.plan_multicast
+    # ...and so does the simulator's (placement's multicast_request, distinct from the
+    # planner's plan_multicast)
+    assert vars(sim_platform)["multicast_request"] is placement.multicast_request
     assert "core.plan_tick(" in Path(scaler_service.__file__).read_text()
 
 
