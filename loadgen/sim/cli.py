@@ -19,6 +19,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--target-concurrency", type=float, default=8.0)
     m.add_argument("--keep-alive", type=float, default=60.0)
     m.add_argument("--max-instances", type=int, default=None)
+    m.add_argument("--instance-concurrency", type=int, default=None,
+                   help="requests one instance serves at once (executor max_running, router "
+                        "max_outstanding_per_route), as bench-e2e's flag; 0: no cap; default: "
+                        "with token caps, loadgen.scenarios.instance_capacity from the window's "
+                        "real and capped mean sizes (bench-e2e's rule), else no cap")
     m.add_argument("--modes", default="lambdascale,multicast_only,serverlessllm,store_pull",
                    help=f"comma-separated subset of {','.join(MODES)}")
     m.add_argument("--readiness-interval", type=float, default=0.0,
@@ -152,15 +158,40 @@ def workload(args: argparse.Namespace, model_names: list[str]) -> tuple[list[Sim
                           seed=args.seed).apply(trace.arrivals)
     if not shaped:
         raise ConfigError("start", f"the window {start}+{args.duration} s selects no request")
+    real = _mean_tokens(shaped)
     if args.max_prompt_tokens or args.max_output_tokens:
         shaped = cap_sizes(shaped, args.max_prompt_tokens or 10**9,
                            args.max_output_tokens or 10**9)
     arrivals = assign_models(shaped, model_names, zipf_s=args.zipf, seed=args.seed)
-    return arrivals, {"path": str(args.trace), "window": {"start_s": start,
+    return arrivals, {"trace_tokens_mean": real, "sent_tokens_mean": _mean_tokens(shaped),
+                      "path": str(args.trace), "window": {"start_s": start,
                                                          "duration_s": args.duration},
                       "speedup": args.speedup, "rate_multiplier": args.rate_multiplier,
                       "requests": len(arrivals), "models": len(model_names),
                       "zipf": args.zipf}
+
+
+def _mean_tokens(arrivals: Sequence[Any]) -> dict[str, float]:
+    n = max(1, len(arrivals))
+    return {"prompt": sum(a.prompt_tokens for a in arrivals) / n,
+            "output": sum(a.output_tokens for a in arrivals) / n}
+
+
+def instance_concurrency(args: argparse.Namespace, profile: scenarios.Profile,
+                         work: dict[str, Any]) -> int:
+    """Requests one instance serves at once: ``--instance-concurrency`` if given, else
+    bench-e2e's rule: with capped token sizes standing for the trace's real ones,
+    :func:`loadgen.scenarios.instance_capacity` (the target's throughput at the real mean
+    sizes x one capped request's time); uncapped, no cap (0)."""
+    given = getattr(args, "instance_concurrency", None)
+    if given is not None:
+        return int(given)
+    if not (args.max_prompt_tokens or args.max_output_tokens):
+        return 0
+    real, sent = work["trace_tokens_mean"], work["sent_tokens_mean"]
+    return scenarios.instance_capacity(profile.pace, round(real["prompt"]),
+                                       round(real["output"]), round(sent["prompt"]),
+                                       round(sent["output"])).concurrency
 
 
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,6 +208,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     if unknown or not modes:
         raise ConfigError("modes", f"unknown or no modes {unknown}; known: {', '.join(MODES)}")
     slo = Slo(ttft_s=args.slo_ttft)
+    cap = instance_concurrency(args, profile, work)
+    work["instance_concurrency"] = cap
     results: dict[str, dict[str, Any]] = {}
     walls: dict[str, float] = {}
     for name in modes:
@@ -188,6 +221,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
                                           keep_alive_s=args.keep_alive),
             parts=args.parts, slo_ttft_s=args.slo_ttft,
             local_target_concurrency=max(1, round(args.target_concurrency)),
+            max_outstanding_per_route=cap or 64, max_running=cap,
             readiness_interval_s=args.readiness_interval, seed=args.seed, warm=warm,
             host=host, disk=disk, drain_s=args.drain)
         began = time.perf_counter()

@@ -162,6 +162,9 @@ class SimConfig:
     queue_wait_s: float = 180.0
     local_target_concurrency: int = 8
     max_outstanding_per_route: int = 64
+    # requests one instance runs at once (the executor's max_running: its engine's batch
+    # rows are min(KV rows, this)); 0: no cap beyond the KV rows
+    max_running: int = 0
     # the router re-plans pipelines at most this often per model (0: on every block);
     # coalescing keeps 1024-GPU runs fast and changes little (a block takes far longer)
     readiness_interval_s: float = 0.0

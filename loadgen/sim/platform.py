@@ -340,6 +340,11 @@ class Platform:
         return engine
 
     def _kv_rows(self, model: SimModel) -> int:
+        # the executor's engine: capacity = min(KV rows, max_running) (shared/engine/engine.py)
+        rows = self._kv_rows_free(model)
+        return min(rows, self.cfg.max_running) if self.cfg.max_running else rows
+
+    def _kv_rows_free(self, model: SimModel) -> int:
         cl = self.cfg.cluster
         if cl.kv_rows is not None:
             return cl.kv_rows

@@ -89,6 +89,9 @@ def sim_args(doc: Mapping[str, Any], base: argparse.Namespace) -> argparse.Names
     dep = _get(doc, "cluster.deployment") or {}
     a.target_concurrency = float(dep.get("target_concurrency", d.target_concurrency))
     a.keep_alive = float(dep.get("keep_alive_s", d.keep_alive))
+    # the cap bench-e2e ran with (it records what it resolved); absent: the sim's own rule
+    cap = _get(doc, "cluster.instance_capacity.concurrency")
+    a.instance_concurrency = int(cap) if cap is not None else None
     a.max_instances = int(dep.get("max_instances", executors))
     a.scenario = str(_get(doc, "scenario.scenario", "scenario") or "cold") \
         if not isinstance(_get(doc, "scenario"), str) else str(doc["scenario"])

@@ -330,3 +330,43 @@ def test_engine_fast_forward_matches_step_by_step_times() -> None:
     t_a = t_b + costmodel.step_seconds(pace, [(103, 1)])
     assert done["a"] == pytest.approx(t_a, rel=1e-9)
     assert eng.idle
+
+
+def test_max_running_caps_an_instances_batch_and_the_routers_outstanding() -> None:
+    # bench-e2e's instance_concurrency: the executor runs at most max_running requests at
+    # once and the router sends a route no more; the rest queue (and drive scale-out)
+    arrivals = [SimArrival(0.001 * i, "m0", 100, 30) for i in range(40)]
+    capped = _run(_config("lambdascale", nodes=1, max_running=2,
+                          max_outstanding_per_route=2), arrivals)
+    free = _run(_config("lambdascale", nodes=1), arrivals)
+    # an engine's batch rows: min(KV rows, max_running), as the executor's engine sizes them
+    assert capped._kv_rows(capped.models["m0"]) == 2
+    assert free._kv_rows(free.models["m0"]) > 2
+    assert all(r.error is None for r in capped.requests)
+    # 40 requests two at a time on one instance: their first tokens spread over ~20 rounds
+    # of 30 decode steps; uncapped, one batch takes them all at once
+
+    def spread(p: Platform) -> float:
+        firsts = [r.first_token for r in p.requests if r.first_token is not None]
+        return max(firsts) - min(firsts)
+
+    assert spread(capped) > 10 * max(spread(free), 0.01)
+
+
+def test_the_instance_cap_is_bench_e2es_own_rule() -> None:
+    import argparse
+
+    from loadgen import scenarios
+    from loadgen.sim import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    profile = scenarios.profile_named(scenarios.DEFAULT_PROFILE)
+    work = {"trace_tokens_mean": {"prompt": 1496.6, "output": 132.0},
+            "sent_tokens_mean": {"prompt": 126.9, "output": 31.5}}
+    capped = p.parse_args(["--max-prompt-tokens", "128", "--max-output-tokens", "32"])
+    want = scenarios.instance_capacity(profile.pace, 1497, 132, 127, 32).concurrency
+    assert cli.instance_concurrency(capped, profile, work) == want
+    assert cli.instance_concurrency(p.parse_args([]), profile, work) == 0  # uncapped: none
+    given = p.parse_args(["--instance-concurrency", "5", "--max-prompt-tokens", "128"])
+    assert cli.instance_concurrency(given, profile, work) == 5
