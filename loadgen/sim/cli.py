@@ -92,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "real and capped mean sizes (bench-e2e's rule), else no cap")
     m.add_argument("--modes", default="lambdascale,multicast_only,serverlessllm,store_pull",
                    help=f"comma-separated subset of {','.join(MODES)}")
+    m.add_argument("--tick-phase", type=float, default=0.0,
+                   help="seconds after the replay starts of the scaler's first periodic tick "
+                        "(a real run's is anywhere in [0, 1 s): its reconcile loop started "
+                        "earlier)")
     m.add_argument("--readiness-interval", type=float, default=0.0,
                    help="coalesce the router's pipeline re-plans per model (s; 0: every block)")
     m.add_argument("--drain", type=float, default=600.0)
@@ -222,6 +226,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
             parts=args.parts, slo_ttft_s=args.slo_ttft,
             local_target_concurrency=max(1, round(args.target_concurrency)),
             max_outstanding_per_route=cap or 64, max_running=cap,
+            tick_phase_s=args.tick_phase,
             readiness_interval_s=args.readiness_interval, seed=args.seed, warm=warm,
             host=host, disk=disk, drain_s=args.drain)
         began = time.perf_counter()

@@ -156,6 +156,10 @@ class SimConfig:
     parts: int = 1  # chunks per block in a multicast
     slo_ttft_s: float = 3.0
     reconcile_interval_s: float = 1.0
+    # when the scaler's first periodic tick runs after the replay starts: its reconcile loop
+    # started before the replay, so in a real run its ticks fall at some phase in
+    # [0, reconcile_interval_s) of every interval, which decides how big each scale-out wave is
+    tick_phase_s: float = 0.0
     report_interval_s: float = 1.0
     report_latency_s: float = 0.005  # router -> scaler over NATS
     control_latency_s: float = 0.02  # an assign or a transfer start, scaler -> executor

@@ -266,7 +266,7 @@ class Platform:
         self._setup_initial()
         for r in self.requests:
             self.loop.at(r.arrival, self._arrive, r)
-        self.loop.at(0.0, self._tick, True)
+        self.loop.at(cfg.tick_phase_s, self._tick, True)
 
     # --- initial state ----------------------------------------------------------------------
 

@@ -370,3 +370,15 @@ def test_the_instance_cap_is_bench_e2es_own_rule() -> None:
     assert cli.instance_concurrency(p.parse_args([]), profile, work) == 0  # uncapped: none
     given = p.parse_args(["--instance-concurrency", "5", "--max-prompt-tokens", "128"])
     assert cli.instance_concurrency(given, profile, work) == 5
+
+
+def test_the_scalers_periodic_ticks_fall_at_the_tick_phase() -> None:
+    # a warm instance, a burst: no cold-start wake, so scale-out waits for a periodic tick
+    arrivals = [SimArrival(0.01 * i, "m0", 100, 30) for i in range(100)]
+    assigned = {}
+    for phase in (0.0, 0.4):
+        p = _run(_config("store_pull", tick_phase_s=phase, warm={"m0": 1}), arrivals)
+        assigned[phase] = sorted({x.assigned_s for x in p.loads if x.source != "warm"})
+    assert assigned[0.0] and assigned[0.4]
+    assert all(abs(t % 1.0) < 1e-9 for t in assigned[0.0])
+    assert all(abs(t % 1.0 - 0.4) < 1e-9 for t in assigned[0.4])
