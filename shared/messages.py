@@ -23,6 +23,7 @@ Sections below belong to one area each; add a message in the section of its area
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any, TypeVar
 
@@ -227,6 +228,24 @@ class WireError(msgspec.Struct, frozen=True):
 # =============================================================================================
 
 
+# A JSON-like value of the open maps (``MetricsSnapshot.values``, ``Event.data``): their keys
+# are per service / per event kind (shared.metrics_schema documents them), so the field is
+# genuinely open, but its values are validated as plain data — bytes, structs or other
+# non-JSON things are refused at decode. msgspec on Python 3.11 takes no recursive type alias
+# (only 3.12's ``type`` statement), so the nesting is spelled out to a fixed depth: six levels
+# of list/map below the field, which the deepest payload (the transfer snapshot: transfers ->
+# id -> receivers -> executor -> counts, four) fits with room to spare.
+JsonScalar = bool | int | float | str | None
+# Sequence/Mapping (read-only, covariant) so that a publisher's list[str] or dict[str, int]
+# is accepted as it is; msgspec decodes them as list and dict.
+_Json1 = JsonScalar | Sequence[JsonScalar] | Mapping[str, JsonScalar]
+_Json2 = JsonScalar | Sequence[_Json1] | Mapping[str, _Json1]
+_Json3 = JsonScalar | Sequence[_Json2] | Mapping[str, _Json2]
+_Json4 = JsonScalar | Sequence[_Json3] | Mapping[str, _Json3]
+_Json5 = JsonScalar | Sequence[_Json4] | Mapping[str, _Json4]
+JsonValue = JsonScalar | Sequence[_Json5] | Mapping[str, _Json5]
+
+
 class MetricsSnapshot(Message, frozen=True, tag="metrics"):
     """Published by every service about once a second on ``lscale.metrics.<service>.<id>``."""
 
@@ -235,7 +254,7 @@ class MetricsSnapshot(Message, frozen=True, tag="metrics"):
     started_at: float
     time: float
     state: str = "running"
-    values: dict[str, Any] = field(default_factory=dict)
+    values: Mapping[str, JsonValue] = field(default_factory=dict)
 
 
 class Event(Message, frozen=True, tag="event"):
@@ -246,7 +265,7 @@ class Event(Message, frozen=True, tag="event"):
     time: float
     reason: str = ""
     model: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
+    data: Mapping[str, JsonValue] = field(default_factory=dict)
 
 
 class Ack(Message, frozen=True, tag="ack"):
@@ -615,12 +634,41 @@ class Undeploy(Message, frozen=True, tag="scaler.undeploy"):
     name: str
 
 
+class DeploymentSpecView(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment's spec as it crosses the wire: the fields (and the map) of
+    ``services.scaler.deployment.DeploymentSpec.to_dict()``. The scaler validates a spec on
+    deploy; this only types what it lists back (shared cannot import a service's module)."""
+
+    name: str
+    model: str
+    min_instances: int = 0
+    max_instances: int = 1
+    target_concurrency: float = 1.0
+    keep_alive_s: float = 60.0
+
+
+class InstanceRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One instance-table row in ``SCALER_LIST``: ``services.scaler.reconcile.InstanceRecord``'s
+    ``to_dict()``, plus ``lost_at`` for a row listed as ``state == "lost"`` a while after its
+    executor went silent."""
+
+    executor_id: str
+    deployment: str
+    model: str
+    state: str  # InstanceState's value, or "lost"
+    started_at: float = 0.0
+    source_tier: str = ""
+    load_from: str = ""
+    weights: str = ""
+    lost_at: float | None = None
+
+
 class DeploymentStatus(Message, frozen=True, tag="scaler.deployment"):
     """One deployment in the ``SCALER_LIST`` reply."""
 
-    spec: dict[str, Any]  # services.scaler.deployment.DeploymentSpec.to_dict()
+    spec: DeploymentSpecView
     desired: int = 0  # instances the policy wants now
-    instances: list[dict[str, Any]] = field(default_factory=list)  # instance-table rows
+    instances: list[InstanceRow] = field(default_factory=list)  # instance-table rows
     ready: int = 0  # rows in state "ready"
     reason: str = ""  # the policy's latest reason (scale_out, keep_alive, ...)
 

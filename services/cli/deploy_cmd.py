@@ -127,10 +127,9 @@ def cmd_deployments(args: argparse.Namespace) -> int:
         table.add_column(col)
     for d in listing.deployments:
         s = d.spec
-        instances = ", ".join(f"{i['executor_id']}:{i['state']}" for i in d.instances) or "-"
-        table.add_row(str(s["name"]), str(s["model"]),
-                      f"{s['min_instances']}..{s['max_instances']}",
-                      f"{s['target_concurrency']:g}", f"{s['keep_alive_s']:g}s",
+        instances = ", ".join(f"{i.executor_id}:{i.state}" for i in d.instances) or "-"
+        table.add_row(s.name, s.model, f"{s.min_instances}..{s.max_instances}",
+                      f"{s.target_concurrency:g}", f"{s.keep_alive_s:g}s",
                       str(d.desired), str(d.ready), instances, d.reason or "-")
     Console().print(table)
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from services.cli.cluster import default_state_dir
@@ -264,7 +265,7 @@ class _IngestProgress:
         self.blocks_done = -1
         self._bar: Any = None
 
-    def update(self, data: dict[str, Any]) -> None:
+    def update(self, data: Mapping[str, Any]) -> None:
         blocks_done = int(data.get("blocks_done") or 0)
         if not self.enabled or data.get("state") not in ("started", "running") \
                 or blocks_done <= self.blocks_done:  # events may arrive out of order

@@ -34,6 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from services.scaler import observe
 from services.scaler.deployment import DeploymentSpec
 from services.scaler.events import decision_event, placement_event, scale_in_event
@@ -62,7 +64,14 @@ from services.scaler.reconcile import (
     reconcile,
     settle_pending,
 )
-from shared.messages import Event, LoadReport, RegionDescriptor, StartTransfer, replace
+from shared.messages import (
+    Event,
+    InstanceRow,
+    LoadReport,
+    RegionDescriptor,
+    StartTransfer,
+    replace,
+)
 from shared.metrics_schema import EventKind
 from shared.model.layout import manifest_weights_digest
 
@@ -620,13 +629,14 @@ def table_change_event(change: observe.TableChange, now: float, source: str = "s
 
 
 def instance_rows(name: str, records: Mapping[str, InstanceRecord],
-                  lost: Mapping[str, tuple[float, InstanceRecord]]) -> list[dict[str, Any]]:
+                  lost: Mapping[str, tuple[float, InstanceRecord]]) -> list[InstanceRow]:
     """The instance rows of deployment ``name`` as ``SCALER_LIST`` shows them: the table's,
     and those lost a moment ago (executor silent), listed as such for a while."""
-    rows = [r.to_dict() for r in records.values() if r.deployment == name]
-    rows += [{**r.to_dict(), "state": "lost", "lost_at": when}
+    rows = [msgspec.convert(r.to_dict(), InstanceRow)
+            for r in records.values() if r.deployment == name]
+    rows += [msgspec.convert({**r.to_dict(), "state": "lost", "lost_at": when}, InstanceRow)
              for eid, (when, r) in lost.items() if r.deployment == name and eid not in records]
-    rows.sort(key=lambda r: str(r["executor_id"]))
+    rows.sort(key=lambda r: r.executor_id)
     return rows
 
 

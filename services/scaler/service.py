@@ -37,6 +37,7 @@ import dataclasses
 import time
 from typing import Any
 
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
@@ -70,6 +71,7 @@ from shared.kv import bucket, kv_get
 from shared.kv_mirror import KvMirror
 from shared.messages import (
     DeploymentList,
+    DeploymentSpecView,
     DeploymentStatus,
     LayerReadiness,
     LoadReport,
@@ -277,9 +279,9 @@ class ScalerService(ScalerActions):
             decision = self._state.decisions.get(name)
             policy = self._state.policy.get(name)
             out.append(DeploymentStatus(
-                spec=specs[name].to_dict(), desired=policy.desired if policy else 0,
-                instances=rows,
-                ready=sum(1 for r in rows if r["state"] == InstanceState.READY.value),
+                spec=msgspec.convert(specs[name].to_dict(), DeploymentSpecView),
+                desired=policy.desired if policy else 0, instances=rows,
+                ready=sum(1 for r in rows if r.state == InstanceState.READY.value),
                 reason=decision.reason.value if decision else ""))
         return DeploymentList(deployments=out)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import psutil
 import pytest
 from nats.aio.msg import Msg
@@ -190,8 +191,8 @@ class Watch:
         listing = DeploymentList.from_wire(
             await self.bus.request(subjects.SCALER_LIST, {}, timeout=5.0))
         for status in listing.deployments:
-            if status.spec["name"] == deployment:
-                return list(status.instances)
+            if status.spec.name == deployment:
+                return [msgspec.to_builtins(row) for row in status.instances]
         return []
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 import pytest_asyncio
 from nats.aio.msg import Msg
@@ -316,7 +317,7 @@ class Cluster:
         """The instance table as the scaler lists it, keyed like the KV bucket. (Not through
         listing the bucket's keys: every listing leaves a JetStream consumer behind.)"""
         listing = DeploymentList.from_wire(await self.bus.request(subjects.SCALER_LIST, {}))
-        return {f"instance.{row['executor_id']}": row
+        return {f"instance.{row.executor_id}": msgspec.to_builtins(row)
                 for d in listing.deployments for row in d.instances}
 
 
@@ -372,7 +373,7 @@ async def test_deploy_list_undeploy_and_bad_requests(cluster: Cluster) -> None:
     assert await kv_get(kv, "deployment.chat") == stored
 
     listing = DeploymentList.from_wire(await cluster.bus.request(subjects.SCALER_LIST, {}))
-    assert [d.spec for d in listing.deployments] == [stored]
+    assert [msgspec.to_builtins(d.spec) for d in listing.deployments] == [stored]
 
     with pytest.raises(InvalidParameter, match="max_instances"):
         await cluster.deploy(name="bad", model="m", max_instances=0)
