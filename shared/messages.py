@@ -31,6 +31,8 @@ import msgspec
 from msgspec import field
 
 from shared.errors import DecodeError, InvalidParameter, LScaleError, error_from_wire
+from shared.model.config import ModelConfig
+from shared.model.layout import ModelManifest
 from shared.sampling import SamplingParams, TokenLogprobs
 
 SCHEMA_VERSION = 1
@@ -278,7 +280,7 @@ class Ack(Message, frozen=True, tag="ack"):
 # =============================================================================================
 # Subjects (services.model_store.service answers them; a plain map with the same fields is
 # accepted wherever a message is): STORE_LIST {} -> list of ModelSummary; STORE_GET ModelRef ->
-# the manifest map (ModelManifest.to_dict() + "created" + "in_memory"); STORE_ADD AddModel ->
+# StoreManifest (ModelManifest.to_dict() + "created" + "in_memory"); STORE_ADD AddModel ->
 # ModelSummary, progress as "model.ingest" events; STORE_REMOVE ModelRef -> Ack;
 # STORE_HF_FILES HfFilesRequest -> HfFiles; STORE_SOURCE SendChunks (transfer section) -> Ack.
 
@@ -287,6 +289,58 @@ class ModelRef(Message, frozen=True, tag="store.model"):
     """Names one model of the store (``STORE_GET``, ``STORE_REMOVE``)."""
 
     name: str
+
+
+class BlockView(msgspec.Struct, frozen=True, kw_only=True):
+    """One block of a manifest on the wire (``shared.model.layout.BlockEntry.to_dict()``)."""
+
+    index: int
+    layer_start: int
+    layer_end: int
+    offset: int
+    nbytes: int
+    checksum: str = ""
+
+
+class TensorView(msgspec.Struct, frozen=True, kw_only=True):
+    """One tensor of a manifest on the wire (``shared.model.layout.TensorEntry.to_dict()``)."""
+
+    name: str
+    block: int
+    offset: int
+    nbytes: int
+    shape: list[int]
+    dtype: str
+    layer: int | None = None
+    source: str = ""
+
+
+class ManifestView(Message, frozen=True, kw_only=True, tag="model.manifest"):
+    """A model's manifest on the wire: the map of ``ModelManifest.to_dict()``, typed.
+    ``format_version`` defaults to 0 so that a map without one decodes and
+    :meth:`to_manifest` refuses it as a version this build does not read (CheckpointError)."""
+
+    format_version: int = 0
+    name: str
+    config: ModelConfig
+    total_bytes: int
+    alignment: int
+    checksum_algo: str
+    hf_files: list[str] = field(default_factory=list)
+    blocks: list[BlockView]
+    tensors: list[TensorView]
+
+    def to_manifest(self) -> ModelManifest:
+        """The manifest (CheckpointError for a format version this build does not read)."""
+        return ModelManifest.from_dict(self.to_wire())
+
+
+class StoreManifest(ManifestView, frozen=True, tag="store.manifest"):
+    """The store's ``STORE_GET`` reply (asked with a :class:`ModelRef`): the manifest's map
+    plus when it was added and whether the store holds its blocks in memory."""
+
+    created: float = 0.0
+    in_memory: bool = False
 
 
 class AddModel(Message, frozen=True, tag="store.add"):

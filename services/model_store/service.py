@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from nats.js.kv import KeyValue
 
 from services.model_store.registry import (
@@ -86,6 +87,7 @@ from shared.messages import (
     ModelRef,
     ModelSummary,
     SendChunks,
+    StoreManifest,
 )
 from shared.metrics_schema import EventKind
 from shared.model.checkpoint import open_checkpoint
@@ -316,9 +318,10 @@ class ModelStoreService(Service[StoreConfig]):
         return [summary(e, in_memory=self.in_memory(e.manifest)).to_wire()
                 for _, e in sorted(self.registry.items())]
 
-    async def _get(self, req: ModelRef, msg: Any) -> dict[str, Any]:
+    async def _get(self, req: ModelRef, msg: Any) -> StoreManifest:
         entry = await self._entry(req.name)
-        return {**registry_record(entry), "in_memory": self.in_memory(entry.manifest)}
+        return msgspec.convert({**registry_record(entry),
+                                "in_memory": self.in_memory(entry.manifest)}, StoreManifest)
 
     async def _hf_files(self, req: HfFilesRequest, msg: Any) -> HfFiles:
         entry = await self._entry(req.name)

@@ -76,6 +76,8 @@ from shared.messages import (
     LayerReadiness,
     LoadReport,
     MetricsSnapshot,
+    ModelRef,
+    StoreManifest,
     Undeploy,
 )
 from shared.metrics_schema import EventKind
@@ -89,20 +91,17 @@ async def fetch_manifest(bus: Bus, model: str, timeout: float) -> ManifestLookup
     """Ask the model store for ``model``'s manifest; never raises for a store problem."""
     now = time.time()
     try:
-        raw = await bus.request(subjects.STORE_GET, {"name": model}, timeout=timeout)
+        reply = await bus.request(subjects.STORE_GET, ModelRef(name=model),
+                                  reply_type=StoreManifest, timeout=timeout)
+    except DecodeError as exc:  # an answer, but no manifest
+        return ManifestLookup(model, now, problem="invalid", detail=exc.message)
     except ModelNotFound as exc:
         return ManifestLookup(model, now, problem="not_found", detail=exc.message)
     except (NoResponders, RequestTimeout, BusError) as exc:
         return ManifestLookup(model, now, problem="unavailable", detail=exc.message)
     except LScaleError as exc:
         return ManifestLookup(model, now, problem="unavailable", detail=str(exc))
-    if isinstance(raw, dict) and isinstance(raw.get("manifest"), dict):
-        raw = raw["manifest"]  # a store may wrap it
-    if (not isinstance(raw, dict) or not isinstance(raw.get("total_bytes"), int)
-            or not isinstance(raw.get("blocks"), list)):
-        return ManifestLookup(model, now, problem="invalid",
-                              detail="manifest lacks total_bytes/blocks")
-    return ManifestLookup(model, now, manifest=raw)
+    return ManifestLookup(model, now, manifest=reply.to_wire())
 
 
 class ScalerService(ScalerActions):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared import metrics_schema as ms
-from shared.messages import RegionDescriptor
+from shared.messages import ManifestView, RegionDescriptor
 from shared.model.layout import BlockEntry
 from shared.transport.peer import part_range
 
@@ -27,9 +27,11 @@ def chunk_sizes(blocks: Iterable[BlockEntry], parts: int) -> list[int]:
     return sizes
 
 
-def chunk_sizes_from_manifest(raw: Mapping[str, Any], parts: int) -> list[int]:
-    """Chunk sizes from a ``STORE_GET`` manifest map (only its ``blocks`` are read)."""
-    return chunk_sizes((BlockEntry.from_dict(b) for b in raw.get("blocks") or ()), parts)
+def chunk_sizes_from_manifest(manifest: ManifestView, parts: int) -> list[int]:
+    """Chunk sizes from a ``STORE_GET`` reply (only its ``blocks`` are read)."""
+    return chunk_sizes((BlockEntry(index=b.index, layer_start=b.layer_start,
+                                   layer_end=b.layer_end, offset=b.offset, nbytes=b.nbytes,
+                                   checksum=b.checksum) for b in manifest.blocks), parts)
 
 
 @dataclass

@@ -51,9 +51,11 @@ from shared.errors import (
 )
 from shared.messages import (
     Ack,
+    ModelRef,
     RegionDescriptor,
     SendChunks,
     StartTransfer,
+    StoreManifest,
     TransferProgress,
     TransferStarted,
 )
@@ -189,9 +191,9 @@ class TransferService(Service[ServiceConfig]):
     async def _chunk_sizes(self, tid: str, req: StartTransfer) -> None:
         """Exact chunk sizes for the progress figures (best effort: estimates stay otherwise)."""
         try:
-            raw = await self.bus.request(subjects.STORE_GET, {"name": req.model},
-                                         timeout=MANIFEST_TIMEOUT_S)
-            sizes = chunk_sizes_from_manifest(raw, req.parts)
+            reply = await self.bus.request(subjects.STORE_GET, ModelRef(name=req.model),
+                                           reply_type=StoreManifest, timeout=MANIFEST_TIMEOUT_S)
+            sizes = chunk_sizes_from_manifest(reply, req.parts)
         except (LScaleError, KeyError, TypeError, ValueError, AttributeError) as exc:
             self.log.info("no manifest for progress figures", model=req.model, error=str(exc))
             return

@@ -45,6 +45,8 @@ from shared.messages import (
     Undeploy,
     decode_control,
 )
+from shared.model.config import ModelConfig
+from shared.model.layout import MANIFEST_FORMAT_VERSION
 from shared.natsserver import NatsServer
 
 NUM_LAYERS = 4
@@ -52,7 +54,14 @@ MODEL_BYTES = 4096
 
 
 def manifest(name: str) -> dict[str, Any]:
-    return {"name": name, "total_bytes": MODEL_BYTES,
+    """A whole manifest map (the store's STORE_GET reply is typed, so every field is there);
+    the scaler reads only ``total_bytes`` and ``blocks``."""
+    config = ModelConfig(architecture="llama", vocab_size=32, hidden_size=16,
+                         num_layers=NUM_LAYERS, num_heads=2, num_kv_heads=2,
+                         intermediate_size=32, head_dim=8, max_position_embeddings=64)
+    return {"format_version": MANIFEST_FORMAT_VERSION, "name": name, "config": config.to_dict(),
+            "total_bytes": MODEL_BYTES, "alignment": 1024, "checksum_algo": "xxh3_64",
+            "hf_files": [], "tensors": [],
             "blocks": [{"index": i, "layer_start": i, "layer_end": i + 1, "offset": i * 1024,
                         "nbytes": 1024, "checksum": ""} for i in range(NUM_LAYERS)]}
 

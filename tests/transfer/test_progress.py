@@ -14,7 +14,8 @@ from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceConfig
 from shared.messages import Event, RegionDescriptor, SendChunks, StartTransfer, TransferStarted
-from shared.model.layout import BlockEntry
+from shared.model.config import ModelConfig
+from shared.model.layout import MANIFEST_FORMAT_VERSION, BlockEntry
 from shared.natsserver import NatsServer
 from shared.transport.peer import DataPlanePeer, block_checksum, serve_send_chunks
 
@@ -63,7 +64,14 @@ async def test_service_publishes_receiver_bytes_while_running(nats_server: NatsS
                                                               bus: Bus) -> None:
     data = os.urandom(sum(SIZES))
     blocks = _blocks(data)
-    manifest = {"name": "m", "blocks": [b.to_dict() for b in blocks]}
+    # a whole manifest map: the STORE_GET reply is typed (only its blocks are read here)
+    config = ModelConfig(architecture="llama", vocab_size=32, hidden_size=16,
+                         num_layers=len(blocks), num_heads=2, num_kv_heads=2,
+                         intermediate_size=32, head_dim=8, max_position_embeddings=64)
+    manifest = {"format_version": MANIFEST_FORMAT_VERSION, "name": "m",
+                "config": config.to_dict(), "total_bytes": len(data), "alignment": 1,
+                "checksum_algo": "xxh3_64", "tensors": [],
+                "blocks": [b.to_dict() for b in blocks]}
     svc = TransferService(ServiceConfig(nats_url=nats_server.url, instance_id="tp",
                                         metrics_interval_s=0.2))
     await svc.start()
