@@ -30,9 +30,15 @@ from typing import Any, TypeVar
 import msgspec
 from msgspec import field
 
-from shared.errors import DecodeError, InvalidParameter, LScaleError, error_from_wire
+from shared.errors import (
+    CheckpointError,
+    DecodeError,
+    InvalidParameter,
+    LScaleError,
+    error_from_wire,
+)
 from shared.model.config import ModelConfig
-from shared.model.layout import ModelManifest
+from shared.model.layout import MANIFEST_FORMAT_VERSION, ModelManifest
 from shared.sampling import SamplingParams, TokenLogprobs
 
 SCHEMA_VERSION = 1
@@ -315,8 +321,9 @@ class TensorView(msgspec.Struct, frozen=True, kw_only=True):
     source: str = ""
 
 
-class ManifestView(Message, frozen=True, kw_only=True, tag="model.manifest"):
-    """A model's manifest on the wire: the map of ``ModelManifest.to_dict()``, typed.
+class ManifestView(Message, frozen=True, kw_only=True, tag=False):
+    """A model's manifest on the wire: the map of ``ModelManifest.to_dict()``, typed. Untagged:
+    it travels inside :class:`AssignModel` and its subclass :class:`StoreManifest` is one too.
     ``format_version`` defaults to 0 so that a map without one decodes and
     :meth:`to_manifest` refuses it as a version this build does not read (CheckpointError)."""
 
@@ -330,12 +337,17 @@ class ManifestView(Message, frozen=True, kw_only=True, tag="model.manifest"):
     blocks: list[BlockView]
     tensors: list[TensorView]
 
+    @classmethod
+    def of(cls, manifest: ModelManifest) -> ManifestView:
+        view: ManifestView = msgspec.convert(manifest.to_dict(), cls)
+        return view
+
     def to_manifest(self) -> ModelManifest:
         """The manifest (CheckpointError for a format version this build does not read)."""
         return ModelManifest.from_dict(self.to_wire())
 
 
-class StoreManifest(ManifestView, frozen=True, tag="store.manifest"):
+class StoreManifest(ManifestView, frozen=True, tag_field="t", tag="store.manifest"):
     """The store's ``STORE_GET`` reply (asked with a :class:`ModelRef`): the manifest's map
     plus when it was added and whether the store holds its blocks in memory."""
 
@@ -396,7 +408,7 @@ class AssignModel(Message, frozen=True, tag="exec.assign"):
     """
 
     model: str
-    manifest: dict[str, Any]  # shared.model.layout manifest, as its to_dict()
+    manifest: ManifestView
     load_from: str = "none"
     transport: str = "tcp"
     # chunks per block the multicast into this region uses (StartTransfer.parts); 0: the
@@ -446,10 +458,20 @@ def decode_control(raw: Any) -> ExecControl:
     if cls is None:
         raise InvalidParameter(f"unknown control message {tag!r}: expected one of "
                                f"{', '.join(sorted(kinds))}")
+    manifest = raw.get("manifest")
+    if cls is AssignModel and isinstance(manifest, dict):
+        # the format version first, as ModelManifest.from_dict checks it (CheckpointError):
+        # a manifest of another format is not judged by this build's fields
+        version = manifest.get("format_version", 0)
+        if version != MANIFEST_FORMAT_VERSION:
+            raise CheckpointError(f"manifest format version {version} not supported "
+                                  f"(this build reads {MANIFEST_FORMAT_VERSION})")
     try:
         control: ExecControl = msgspec.convert(raw, cls)  # type: ignore[assignment]
     except msgspec.ValidationError as exc:
         words = _plain_words(exc)
+        if "at `$.manifest" in words:  # a bad manifest is a bad parameter, field missing or not
+            raise InvalidParameter(f"{tag}: the manifest is malformed: {words}") from exc
         if "missing required field" in words:
             raise DecodeError(f"{tag}: {words}") from exc
         raise InvalidParameter(f"{tag}: {words}") from exc

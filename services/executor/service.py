@@ -267,7 +267,7 @@ class ExecutorService(Service[ExecutorConfig]):
             load_error=copy.load_error if copy else self._last_load_error)
 
     async def _assign(self, request: AssignModel) -> AssignReply:
-        manifest = parse_manifest(request.model, request.manifest)
+        manifest = parse_manifest(request.model, request.manifest.to_wire())
         if request.load_from not in LOAD_FROM:
             raise InvalidParameter(f"load_from {request.load_from!r} is not one of "
                                    f"{', '.join(LOAD_FROM)}")

@@ -18,6 +18,7 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
+import msgspec
 import nats.errors
 from nats.js.kv import KeyValue
 
@@ -53,6 +54,7 @@ from shared.messages import (
     Event,
     ExecutorStatus,
     GrantWrite,
+    ManifestView,
     RegionDescriptor,
     ReleaseModel,
     StatusQuery,
@@ -178,7 +180,7 @@ class ScalerActions(Service[ScalerConfig]):
         # a multicast receiver waits for the multicast ("none"), whatever its sources' tier;
         # a local load reads its own host copy or local disk
         body = AssignModel(
-            model=action.model, manifest=manifest,
+            model=action.model, manifest=msgspec.convert(manifest, ManifestView),
             load_from=action.load_from if action.load_from in (LOAD_HOST, LOAD_DISK) else "none",
             transport=self.config.transport, parts=self.config.multicast_parts)
         try:

@@ -27,6 +27,7 @@ from shared.messages import (
     AssignReply,
     InferRequest,
     LayerReadiness,
+    ManifestView,
     RegionDescriptor,
     SendChunks,
     Stage,
@@ -171,7 +172,7 @@ async def make_executor(nats_server: NatsServer) -> AsyncIterator[MakeExecutor]:
 
 async def assign(bus: Bus, executor_id: str, model: TinyModel, load_from: str = "none",
                  **fields: Any) -> AssignReply:
-    body = AssignModel(model=model.name, manifest=model.manifest.to_dict(),
+    body = AssignModel(model=model.name, manifest=ManifestView.of(model.manifest),
                        load_from=load_from, **fields)
     return await bus.request(subjects.exec_ctl(executor_id), body, reply_type=AssignReply,
                              timeout=10)

@@ -37,6 +37,7 @@ from shared.messages import (
     ExecutorStatus,
     LayerReadiness,
     LoadReport,
+    ManifestView,
     MetricsSnapshot,
     RegionDescriptor,
     ReleaseModel,
@@ -420,7 +421,7 @@ async def test_burst_multicasts_from_the_store_then_keep_alive_demotes(cluster: 
     typed = StartTransfer.from_wire(request)  # what the transfer service decodes
     assert typed.num_blocks == NUM_LAYERS and typed.parts == 1 and typed.strategy == "lambdapipe"
     for _, a in cluster.assigns():
-        assert a.load_from == "none" and a.manifest["total_bytes"] == MODEL_BYTES
+        assert a.load_from == "none" and a.manifest.total_bytes == MODEL_BYTES
 
     # The fake transfer completes the copies; the rows become ready.
     async def all_ready() -> bool:
@@ -740,7 +741,8 @@ async def _rows_of_a_killed_scaler(cluster: Cluster, executors: list[str],
         await kv_put(instances, f"instance.{eid}", InstanceRecord(
             eid, "d", "m", InstanceState.LOADING, time.time() - written_ago_s,
             "store_disk").to_dict())
-        assign = AssignModel(model="m", manifest=manifest("m"), load_from="none")
+        assign = AssignModel(model="m", manifest=msgspec.convert(manifest("m"), ManifestView),
+                             load_from="none")
         await cluster.bus.request(subjects.exec_ctl(eid), assign)
 
 
