@@ -222,7 +222,8 @@ class UpCluster:
     # --- its processes ----------------------------------------------------------------------
     def _children(self) -> list[psutil.Process]:
         assert self.proc is not None
-        return psutil.Process(self.proc.pid).children(recursive=False)
+        children: list[psutil.Process] = psutil.Process(self.proc.pid).children(recursive=False)
+        return children
 
     def pid_of(self, instance_id: str) -> int:
         """The pid of the service ``instance_id`` (``router-0``, ``exec-2`` ...)."""

@@ -77,7 +77,8 @@ def test_openai_client_against_the_cluster(cluster: tuple[str, Path]) -> None:
 
 def hf_model(checkpoint: Path) -> tuple[object, object]:
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(  # type: ignore[no-untyped-call]
+        checkpoint, dtype=torch.float32).eval()
     return tok, model
 
 

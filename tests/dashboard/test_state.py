@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +25,7 @@ T0 = 1_700_000_000.0
 MiB = 1 << 20
 
 
-def feed(state: DashboardState, messages: list, at: float = T0) -> None:
+def feed(state: DashboardState, messages: list[Any], at: float = T0) -> None:
     for m in messages:
         assert state.apply(m.to_wire(), at)
 
@@ -165,7 +166,7 @@ keys = st.sampled_from(["models", "model", "ready_layers", "num_layers", "transf
 @given(service=st.sampled_from(["router", "executor", "transfer", "other"]),
        values=st.dictionaries(keys, junk, max_size=5),
        data=st.dictionaries(st.sampled_from(["transfer_id", "receivers", "strategy"]), junk))
-def test_any_values_render_and_serialise(service: str, values: dict, data: dict) -> None:
+def test_any_values_render_and_serialise(service: str, values: dict[str, Any], data: dict[str, Any]) -> None:
     from rich.console import Console
 
     from services.cli.top.render import dashboard

@@ -12,10 +12,12 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from shared.bus import Bus
+from shared.natsserver import NatsServer
 from tests.dashboard.samples import cluster_scene, event, subject_of
 
 LSCALE = [sys.executable, "-m", "services.cli.main"]
@@ -61,7 +63,7 @@ async def run_cli(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_once_json_reports_what_was_published(bus: Bus, nats_server) -> None:
+async def test_once_json_reports_what_was_published(bus: Bus, nats_server: NatsServer) -> None:
     async with publishing(bus):
         rc, out, err = await run_cli("top", "--once", "--json", "--nats-url", nats_server.url,
                                      "--window", "1.5")
@@ -81,7 +83,8 @@ async def test_once_json_reports_what_was_published(bus: Bus, nats_server) -> No
     assert snap["services"] == {"executor": 3, "router": 1, "transfer": 1}
 
 
-async def test_once_json_on_a_quiet_cluster_is_empty_not_an_error(nats_server) -> None:
+async def test_once_json_on_a_quiet_cluster_is_empty_not_an_error(
+        nats_server: NatsServer) -> None:
     rc, out, err = await run_cli("top", "--once", "--json", "--nats-url", nats_server.url,
                                  "--window", "0.3")
     assert rc == 0, err
@@ -114,7 +117,8 @@ def tmux(socket: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-async def test_live_screen_in_a_terminal(bus: Bus, nats_server, tmp_path) -> None:
+async def test_live_screen_in_a_terminal(bus: Bus, nats_server: NatsServer,
+                                         tmp_path: Path) -> None:
     socket = f"lscale-top-{uuid.uuid4().hex[:8]}"  # own tmux server: never touches anyone else's
     command = " ".join([*LSCALE, "top", "--nats-url", nats_server.url, "--refresh", "0.2"])
     exit_file = tmp_path / "exit-code"

@@ -3,6 +3,7 @@ service modules, ports are unique, and the monitoring files match what the route
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -207,6 +208,7 @@ def test_env_file_is_a_valid_service_config_pointing_at_the_nats_service() -> No
         for obj in vars(module).values():
             config_cls = getattr(obj, "config_cls", None)
             if isinstance(config_cls, type):
+                assert dataclasses.is_dataclass(config_cls), config_cls
                 known |= set(config_cls.__dataclass_fields__)
     assert settings - known <= PENDING_SETTINGS, settings - known - PENDING_SETTINGS
     config = config_from(ServiceConfig, {}, env)  # raises ConfigError on a bad value
@@ -229,7 +231,9 @@ def test_executors_and_the_docker_provisioner_agree() -> None:
     assert executor["labels"][LABEL_ROLE] == "executor"
     # the provisioner lists (and may stop) containers with its own owner: compose's replicas
     # must carry another owner so the scaler never adopts them
-    default_owner = DockerProvisioner.__init__.__kwdefaults__["owner"]
+    kwdefaults = DockerProvisioner.__init__.__kwdefaults__
+    assert kwdefaults is not None
+    default_owner = kwdefaults["owner"]
     assert executor["labels"][LABEL_OWNER] != default_owner
     assert int(interpolate(str(executor["deploy"]["replicas"]), dotenv(COMPOSE / ".env"))) >= 1
     network = base["networks"]["lscale"]["name"]

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 import uuid
+from typing import Any
 
 import httpx
 
@@ -142,7 +143,7 @@ def test_compose_cluster_serves_scales_heals_and_leaves_nothing() -> None:
 
         # --- scale executors to 3, and see them in lscale status ----------------------------
         project.run("up", "-d", "--no-recreate", "--scale", "executor=3", timeout=300)
-        def three_running() -> list[dict[str, object]] | None:
+        def three_running() -> list[dict[str, Any]] | None:
             running = status_executors(nats_url, admin)
             return running if len(running) == 3 else None
 

@@ -86,7 +86,7 @@ async def scrape_targets() -> AsyncIterator[dict[str, str]]:
 
 def local_config(targets: dict[str, str]) -> dict[str, Any]:
     """compose/prometheus.yml with the target addresses (only those) pointed at 127.0.0.1."""
-    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    config: dict[str, Any] = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     for job in config["scrape_configs"]:
         if job["job_name"] == "lscale-router":
             job["static_configs"][0]["targets"] = [targets["router"]]

@@ -268,7 +268,7 @@ class E2ECluster:
             return ClientAuth()
         return self.credentials.client(identity)
 
-    def _identity(self, identity: str) -> dict[str, str]:
+    def _identity(self, identity: str) -> dict[str, Any]:
         """The config fields that make a service connect as ``identity``."""
         auth = self._auth(identity)
         return {"nats_user": auth.user, "nats_password": auth.password,

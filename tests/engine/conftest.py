@@ -118,7 +118,8 @@ def llama(checkpoint_factory: Callable[..., Checkpoint]) -> Checkpoint:
 def hf_logits(ckpt: Checkpoint, token_ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         out = ckpt.hf_model(torch.tensor([token_ids]))
-    return out.logits[0]
+    logits: torch.Tensor = out.logits[0]
+    return logits
 
 
 def hf_greedy(ckpt: Checkpoint, token_ids: list[int], new_tokens: int) -> list[int]:

@@ -8,6 +8,8 @@ directly on hand-built logits.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
@@ -99,7 +101,7 @@ def test_repetition_penalty_matches_the_logits_processor_on_one_row() -> None:
     logits = torch.randn(1, 50)
     prompt = [1, 2, 3, 7]
     processor = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5)])
-    expected = processor(torch.tensor([prompt]), logits.clone())
+    expected = processor(cast(torch.LongTensor, torch.tensor([prompt])), logits.clone())
     sampler = TokenSampler(torch.device("cpu"))
     sampler.add("r", SamplingParams(temperature=0.0, repetition_penalty=1.5), prompt)
     got = sampler._processed(logits.clone(), [sampler._seqs["r"]], 50)

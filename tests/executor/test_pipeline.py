@@ -182,7 +182,7 @@ async def test_logprobs_and_n_through_a_pipeline_equal_a_whole_model(
 
     # n = 3 seeded sequences: a pipeline runs one flow per sequence; each equals what a
     # whole-model executor's forked sequences give
-    sampling = {"temperature": 1.0, "seed": 77, "n": 3}
+    sampling: dict[str, Any] = {"temperature": 1.0, "seed": 77, "n": 3}
     piped = await infer(bus, "a", "n3", prompt, max_tokens=6, stages=STAGES, **sampling)
     await eventually(lambda: finished_indices(piped) == {0, 1, 2}, timeout=20)
     whole = await make_executor("c")

@@ -8,7 +8,7 @@ from shared.model.config import ModelConfig, expected_tensor_shapes
 
 
 def test_reads_rope_parameters_written_by_transformers_5() -> None:
-    hf = LlamaConfig(
+    hf = LlamaConfig(  # type: ignore[call-arg]  # rope_* are legacy kwargs its __init__ takes
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -32,7 +32,7 @@ def test_reads_rope_parameters_written_by_transformers_5() -> None:
 
 
 def test_unscaled_rope_and_qwen2_bias() -> None:
-    hf = Qwen2Config(
+    hf = Qwen2Config(  # type: ignore[call-arg]  # rope_theta is a legacy kwarg its __init__ takes
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -52,7 +52,8 @@ def test_store_weights_give_identical_logits(make_tiny: MakeTiny, store: ModelSt
     manifest = store.add("q", ckpt.directory, num_blocks=2, progress=False)
     _, views = load_model(manifest, store.source("q"))
     reference = AutoModelForCausalLM.from_pretrained(ckpt.directory)
-    rebuilt = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(store.hf_dir("q")))
+    rebuilt = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        AutoConfig.from_pretrained(store.hf_dir("q")))
     rebuilt.load_state_dict(views, strict=True)
     ids = torch.tensor([[0, 17, 250, 3, 99]])
     assert torch.equal(reference(ids).logits, rebuilt(ids).logits)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -48,7 +49,9 @@ def test_tokenizer_loads_in_transformers_and_round_trips(make_tiny: MakeTiny) ->
 @pytest.mark.parametrize("tied", [False, True])
 def test_transformers_loads_checkpoint(make_tiny: MakeTiny, arch: str, tied: bool) -> None:
     ckpt = make_tiny(architecture=arch, tie_word_embeddings=tied)
-    model, info = AutoModelForCausalLM.from_pretrained(ckpt.directory, output_loading_info=True)
+    # with output_loading_info transformers returns (model, info); its annotation says model
+    model, info = cast(tuple[Any, dict[str, Any]], AutoModelForCausalLM.from_pretrained(
+        ckpt.directory, output_loading_info=True))
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     hf = AutoConfig.from_pretrained(ckpt.directory)

@@ -44,7 +44,8 @@ async def test_cli_goes_through_the_cluster_store(service: ModelStoreService, bu
     assert ModelStoreDir(service.store.root).names() == ["tiny-c"]
     assert not (tmp_path / "state" / "models").exists()  # not the local store
     kv = await bucket(bus, subjects.KV_MODELS, create=False)
-    assert (await kv_get(kv, "tiny-c"))["name"] == "tiny-c"
+    record = await kv_get(kv, "tiny-c")
+    assert record is not None and record["name"] == "tiny-c"
 
     code, out, err = await _lscale("model", "ls", "--json", env=env, cwd=work)
     assert code == 0, err

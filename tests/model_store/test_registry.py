@@ -75,6 +75,7 @@ async def test_add_then_list_get_hf_files_and_kv(service: ModelStoreService, bus
     # the KV bucket holds the manifest, under the name ('.' is fine in a key)
     kv = await bucket(bus, subjects.KV_MODELS, create=False)
     record = await kv_get(kv, "tiny.v1")
+    assert record is not None
     assert ModelManifest.from_dict(record) == on_disk
     assert record["created"] == pytest.approx(reply.created)
 
@@ -107,7 +108,9 @@ async def test_add_then_list_get_hf_files_and_kv(service: ModelStoreService, bus
                               AddModel(name="tiny.v1", path=str(tiny.directory), blocks=2,
                                        replace=True), reply_type=ModelSummary, timeout=30)
     assert again.num_blocks == 2
-    assert len(ModelManifest.from_dict(await kv_get(kv, "tiny.v1")).blocks) == 2
+    replaced = await kv_get(kv, "tiny.v1")
+    assert replaced is not None
+    assert len(ModelManifest.from_dict(replaced).blocks) == 2
     assert service.metrics()["models"] == 1
 
 

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from services.router.backend import (
+    FinishReason,
     ModelInfo,
     ModelStats,
     SamplingParams,
@@ -124,7 +125,7 @@ class EchoBackend:
                     return
                 last = i == sampling.max_tokens - 1
                 token = eos if limit is not None and i == limit else next(sources[j])
-                reason = "stop" if limit is not None and i == limit else (
+                reason: FinishReason | None = "stop" if limit is not None and i == limit else (
                     "length" if last else None)
                 if reason is not None and j == width - 1:
                     self.finished.append(request_id)

@@ -87,13 +87,13 @@ _SETTINGS = settings(
 )
 
 
-@schema.parametrize()
+@schema.parametrize()  # type: ignore[untyped-decorator]  # schemathesis: untyped
 @_SETTINGS
 def test_api_never_fails_server_side(case: Any, server_url: str) -> None:
     case.call_and_validate(base_url=server_url, timeout=10, checks=_CHECKS)
 
 
-@positive_schema.include(method="POST").parametrize()
+@positive_schema.include(method="POST").parametrize()  # type: ignore[untyped-decorator]  # schemathesis: untyped
 @_SETTINGS
 def test_valid_requests_never_fail_server_side(case: Any, server_url: str) -> None:
     case.call_and_validate(base_url=server_url, timeout=10, checks=_CHECKS)

@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+from openai.types.chat import ChatCompletionMessageParam
 
 from services.router.http import ApiConfig, create_app
 from tests.router.conftest import EchoBackend, serve
@@ -94,11 +95,12 @@ async def test_raw_sse_framing(base_url: str) -> None:
 async def test_chat_uses_the_tokenizers_template(
     api: openai.AsyncOpenAI, base_url: str, chat_tokenizer: Any
 ) -> None:
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     out = await api.chat.completions.create(
         model="tiny-chat",
         messages=messages,
-        max_tokens=12,  # type: ignore[arg-type]
+        max_tokens=12,
     )
     rendered = chat_tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
@@ -123,12 +125,13 @@ async def test_chat_default_template_and_default_max_tokens(
 
 
 async def test_chat_streaming(api: openai.AsyncOpenAI, base_url: str, chat_tokenizer: Any) -> None:
-    messages = [{"role": "user", "content": "the quick brown fox"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "the quick brown fox"}]
     stream = await api.chat.completions.create(
         model="tiny-chat",
         messages=messages,
         max_tokens=15,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
     )
     roles, parts, reasons = [], [], []
     async for chunk in stream:

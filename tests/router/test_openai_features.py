@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import pytest_asyncio
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.router.conftest import EchoBackend
 from tests.router.test_http import client, echo_text, metric
@@ -128,8 +129,8 @@ async def test_streamed_n_and_logprobs(api: openai.AsyncOpenAI, plain_tokenizer:
 
 
 async def test_chat_logprobs_n_and_usage_chunk(api: openai.AsyncOpenAI) -> None:
-    messages = [{"role": "user", "content": "hello"}]
-    out = await api.chat.completions.create(model="tiny-chat", messages=messages,  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
+    out = await api.chat.completions.create(model="tiny-chat", messages=messages,
                                             max_completion_tokens=4, logprobs=True,
                                             top_logprobs=3, n=2, seed=7)
     assert len(out.choices) == 2
@@ -141,7 +142,7 @@ async def test_chat_logprobs_n_and_usage_chunk(api: openai.AsyncOpenAI) -> None:
             assert entry.top_logprobs[0].logprob == entry.logprob
             assert entry.bytes == list(entry.token.encode())
     chunks = [c async for c in await api.chat.completions.create(
-        model="tiny-chat", messages=messages, max_tokens=3, stream=True,  # type: ignore[arg-type]
+        model="tiny-chat", messages=messages, max_tokens=3, stream=True,
         stream_options={"include_usage": True})]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 3

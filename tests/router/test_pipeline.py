@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.router.pipeline import (
+    LayerSpec,
     Pipeline,
     PipelinePlan,
     Stage,
@@ -146,7 +147,7 @@ def test_cut_points_are_balanced_inside_overlap() -> None:
 
 def test_rotated_multicast_gives_local_and_several_pipelines() -> None:
     # 8 layers; receivers got blocks in rotated orders (0.. and 4..), halfway through.
-    ready = {
+    ready: dict[str, LayerSpec] = {
         "src": range(8),
         "r1": range(0, 4),
         "r2": range(4, 8),

@@ -96,10 +96,11 @@ class _Handler(BaseHTTPRequestHandler):
                                  "State": "running"})
             self._reply(200, rows)
         elif (match := re.fullmatch(r"/containers/([^/]+)(/json|/start|/stop)?", path)):
-            c = engine.find(match.group(1))
-            if c is None:
+            found = engine.find(match.group(1))
+            if found is None:
                 self._reply(404, {"message": f"No such container: {match.group(1)}"})
                 return
+            c = found
             action = match.group(2)
             if m == "GET" and action == "/json":
                 self._reply(200, {"Id": c["Id"], "Name": "/" + c["Name"], "Config": c["Config"],

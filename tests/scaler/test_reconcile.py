@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 import pytest
@@ -306,10 +307,11 @@ cluster = st.fixed_dictionaries({
 
 @settings(max_examples=200, deadline=None)
 @given(cluster)
-def test_reconcile_properties(c: dict[str, object]) -> None:
+def test_reconcile_properties(c: dict[str, Any]) -> None:
     reports, instances = [], []
     specs = {"a": A, "b": B}
-    for i, (dep, ready, in_table, alive) in enumerate(c["executors"]):  # type: ignore[arg-type]
+    executors: list[tuple[str | None, bool, bool, bool]] = c["executors"]
+    for i, (dep, ready, in_table, alive) in enumerate(executors):
         eid = f"e{i}"
         model = specs[dep].model if dep else None
         reports.append(report(eid, dep, model, ready=ready and dep is not None,

@@ -651,14 +651,14 @@ async def test_silent_executor_is_listed_lost_and_replaced_within_seconds(
 
     async def lost_listed() -> bool:
         rows = await cluster.instances()
-        return rows.get(f"instance.{first}", {}).get("state") == "lost"
+        return bool(rows.get(f"instance.{first}", {}).get("state") == "lost")
 
     await wait_until(lost_listed, timeout=3, what="the silent row listed as lost")
     assert time.monotonic() - killed < 1.5  # grace 0.5 s, a report every 0.05 s
 
     async def replaced() -> bool:
         rows = await cluster.instances()
-        return rows.get(f"instance.{other}", {}).get("state") == "ready"
+        return bool(rows.get(f"instance.{other}", {}).get("state") == "ready")
 
     await wait_until(replaced, timeout=5, what="the replacement")
     await wait_until(lambda: [e for e in cluster.kinds("instance.gone")

@@ -14,6 +14,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from shared import subjects
 from shared.bus import Bus, encode
@@ -114,7 +115,7 @@ async def test_every_identity_publishes_only_what_its_kind_needs(
     admin = probes["admin"]
     got: list[str] = []
 
-    async def record(msg: nats.aio.msg.Msg) -> None:
+    async def record(msg: Msg) -> None:
         got.append(msg.subject)
 
     for pattern in (">", "$KV.>", "$JS.API.STREAM.DELETE.>"):
@@ -150,7 +151,7 @@ async def test_every_identity_reads_only_what_its_kind_needs(probes: dict[str, P
         for pattern, allowed in READ_SUBJECTS:
             got: list[str] = []
 
-            async def keep(msg: nats.aio.msg.Msg, got: list[str] = got) -> None:
+            async def keep(msg: Msg, got: list[str] = got) -> None:
                 got.append(msg.subject)
 
             sub = await probe.nc.subscribe(pattern, cb=keep)

@@ -12,6 +12,9 @@ from shared.messages import SendChunks, StartTransfer, TransferProgress, Transfe
 from shared.natsserver import NatsServer
 from shared.transport.peer import Block, DataPlanePeer, block_checksum, serve_send_chunks
 
+# Regions go out here in their plain-map wire form (RegionDescriptor.to_dict(), or a broken
+# map on purpose), as any client may send them; the struct field is typed RegionDescriptor,
+# hence the ignore[arg-type] on those requests.
 BLOCKS, PARTS, BLOCK_BYTES = 4, 2, 8192
 
 
@@ -70,7 +73,7 @@ async def test_transfer_service_multicasts_and_survives_a_dead_receiver(
         await bus.subscribe(subjects.transfer_progress("tx1"), on_progress,
                             message_type=TransferProgress)
         started = await bus.request(subjects.TRANSFER_START, StartTransfer(
-            model="m", sources=["store"], receivers=receivers, regions=regions,
+            model="m", sources=["store"], receivers=receivers, regions=regions,  # type: ignore[arg-type]
             num_blocks=BLOCKS, parts=PARTS, transfer_id="tx1"), reply_type=TransferStarted)
         assert started.transfer_id == "tx1" and started.ticks == BLOCKS * PARTS + 3 - 1
         await asyncio.wait_for(done.wait(), 20)
@@ -129,7 +132,7 @@ async def test_a_relay_dying_mid_transfer_is_dropped_and_the_rest_complete(
         await bus.subscribe(subjects.transfer_progress("tx2"), on_progress,
                             message_type=TransferProgress)
         await bus.request(subjects.TRANSFER_START, StartTransfer(
-            model="m", sources=["store"], receivers=receivers, regions=regions,
+            model="m", sources=["store"], receivers=receivers, regions=regions,  # type: ignore[arg-type]
             num_blocks=BLOCKS, parts=PARTS, transfer_id="tx2"), reply_type=TransferStarted)
         await asyncio.wait_for(done.wait(), 20)
         final = finals[0]
@@ -175,7 +178,7 @@ async def test_a_second_wave_joins_the_running_multicast_of_the_same_model(
             regions = {r: peers[r].descriptor.to_dict()  # type: ignore[union-attr]
                        for r in wave}
             replies.append(await bus.request(subjects.TRANSFER_START, StartTransfer(
-                model="m", sources=["store"], receivers=wave, regions=regions,
+                model="m", sources=["store"], receivers=wave, regions=regions,  # type: ignore[arg-type]
                 num_blocks=BLOCKS, parts=PARTS), reply_type=TransferStarted))
             if not i:
                 await bus.subscribe(subjects.transfer_progress(replies[0].transfer_id),
@@ -221,7 +224,7 @@ async def test_a_wave_from_other_sources_starts_its_own_transfer(
         for source, r in (("store", "e0"), ("g0", "e1")):
             replies.append(await bus.request(subjects.TRANSFER_START, StartTransfer(
                 model="m", sources=[source], receivers=[r],
-                regions={r: peers[r].descriptor.to_dict()},  # type: ignore[union-attr]
+                regions={r: peers[r].descriptor.to_dict()},  # type: ignore[union-attr, dict-item]
                 num_blocks=BLOCKS, parts=PARTS), reply_type=TransferStarted))
         assert replies[0].transfer_id != replies[1].transfer_id
         assert not replies[1].joined
