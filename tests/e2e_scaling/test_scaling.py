@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from nats.aio.msg import Msg
@@ -109,12 +109,12 @@ async def test_burst_scale_out_keep_alive_scale_to_zero_and_out_from_host_copies
         done1 = time.monotonic()
         assigned1 = {s.executor for s in watch.since(mark1, "scale.assign", spec.model)}
         assert len(assigned1) == expected, assigned1
-        peak = max(s.event.data["desired"] for s in watch.since(mark1, "scale.out", spec.model))
+        peak = max(cast(int, s.event.data["desired"]) for s in watch.since(mark1, "scale.out", spec.model))
         assert peak == expected
         for out in watch.since(mark1, "scale.out", spec.model):
             # every decision is the policy's number for the load the scaler saw
             assert out.event.data["desired"] == policy_instances(
-                spec, int(out.event.data["outstanding"]))
+                spec, int(cast(float, out.event.data["outstanding"])))
         placements = watch.since(mark1, "scale.placement", spec.model)
         assert placements[0].event.reason in STORE_TIERS, placements[0].event
         # sources in tier order: a later step may use a running instance, never less
@@ -317,7 +317,8 @@ async def test_scaler_sigkill_at_first_assign_multicast_is_re_driven(
             "figure": "scaler_sigkill_at_first_assign", "requests": len(outcomes),
             "served": sum(o.status == 200 for o in outcomes), "instances": len(executors),
             "assigns": len(assigned), "transfers": len(transfers),
-            "redriven_receivers": sorted(r for s in redriven for r in s.event.data["receivers"]),
+            "redriven_receivers": sorted(r for s in redriven
+                                         for r in cast(list[str], s.event.data["receivers"])),
             "last_latency_after_kill_s": round(
                 max(o.sent_at + o.latency_s for o in outcomes) - killed[0], 3)}
         print(json.dumps(figure))

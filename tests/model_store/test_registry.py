@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -150,7 +150,7 @@ async def test_bad_checkpoints_are_refused_with_the_reason(
     await asyncio.sleep(0.1)
     failed = [e for e in events if e.data.get("request_id") == "bad"]
     assert failed and failed[-1].data["state"] == "failed"
-    assert "model.safetensors" in failed[-1].data["error"]
+    assert "model.safetensors" in cast(str, failed[-1].data["error"])
 
 
 async def test_remove(service: ModelStoreService, bus: Bus, tiny: TinyCheckpoint) -> None:

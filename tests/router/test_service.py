@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import openai
@@ -222,7 +222,7 @@ async def test_pipeline_over_partial_executors_then_local_when_complete(
     assert routed.data["via"] == "pipeline"
     assert routed.data["executors"] == ["pa", "pb"]
     up = await events.wait_for(lambda e: e.kind == "pipeline.up")
-    assert up.data["pipeline_id"] == routed.data["route_id"].removeprefix("pipeline:")
+    assert up.data["pipeline_id"] == cast(str, routed.data["route_id"]).removeprefix("pipeline:")
 
     # an executor completes its copy: it serves locally, the pipeline retires
     await front.set_layers(None)
@@ -345,11 +345,13 @@ async def test_load_reports_metrics_and_discovery(
     await stream.close()
 
     async with asyncio.timeout(5):
-        while not any(s.values.get("models", {}).get(MODEL, {}).get("instances") for s in snapshots):
+        while not any(cast(dict[str, Any], s.values.get("models", {})).get(MODEL, {})
+                      .get("instances") for s in snapshots):
             await asyncio.sleep(0.05)
-    figures = next(s for s in snapshots if s.values.get("models", {}).get(MODEL, {})
+    figures = next(s for s in snapshots
+                   if cast(dict[str, Any], s.values.get("models", {})).get(MODEL, {})
                    .get("instances"))
-    assert set(figures.values["models"][MODEL]) >= {
+    assert set(cast(dict[str, Any], figures.values["models"])[MODEL]) >= {
         "rps", "queue_depth", "ttft_p50", "ttft_p99", "instances", "pipelines", "outstanding"}
 
     infos = [json.loads(raw) for raw in await bus.gather(f"{subjects.SRV_INFO}.router")]

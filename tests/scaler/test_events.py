@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any, cast
+
 import msgpack
 import pytest
 
@@ -70,8 +72,9 @@ def test_placement_event_reason_is_the_source_tier(holders: Holders, reason: str
     plan = plan_scale_out("m", 2, ["f1", "f2"], holders)
     ev = placement_event(plan, "d", 3.0)
     assert (ev.kind, ev.reason) == ("scale.placement", reason)
-    assert ev.data["multicast"]["receivers"] == ["f1", "f2"]
-    assert ev.data["multicast"]["k"] == len(plan.multicast.sources)  # type: ignore[union-attr]
+    multicast = cast(dict[str, Any], ev.data["multicast"])
+    assert multicast["receivers"] == ["f1", "f2"]
+    assert multicast["k"] == len(plan.multicast.sources)  # type: ignore[union-attr]
 
 
 def test_events_survive_the_wire() -> None:

@@ -28,13 +28,13 @@ from services.scaler.reconcile import (
     StoreHoldings,
     reconcile,
 )
-from shared.messages import LayerReadiness, MetricsSnapshot
+from shared.messages import JsonValue, LayerReadiness, MetricsSnapshot
 
 NOW = 1000.0
 SPEC = DeploymentSpec(name="d", model="m", max_instances=4)
 
 
-def snapshot(eid: str, state: str = "running", **values: object) -> MetricsSnapshot:
+def snapshot(eid: str, state: str = "running", **values: JsonValue) -> MetricsSnapshot:
     return MetricsSnapshot(service="executor", instance_id=eid, started_at=0.0, time=NOW,
                            state=state, values=dict(values))
 

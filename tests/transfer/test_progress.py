@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import Any, cast
 
 from services.transfer.progress import MulticastProgress, chunk_sizes
 from services.transfer.service import TransferService
@@ -133,7 +133,7 @@ async def test_service_publishes_receiver_bytes_while_running(nats_server: NatsS
         last: dict[str, int] = {}
         for e in progress:
             assert e.model == "m" and e.data["transfer_id"] == "tx"
-            for eid, v in e.data["receivers"].items():
+            for eid, v in cast(dict[str, dict[str, int]], e.data["receivers"]).items():
                 assert v["bytes_done"] >= last.get(eid, 0)  # never goes backwards
                 last[eid] = v["bytes_done"]
         # exact totals once the manifest was read (the region-size fallback would say the same
