@@ -1094,43 +1094,15 @@ def repeat_summary(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 # --- plots ----------------------------------------------------------------------------------
 
-_COLORS = {"lambdascale": "tab:green", "multicast_only": "tab:blue", "serverlessllm": "tab:red",
-           "store_pull": "tab:gray"}
-
-
 def plot_mode_cdfs(results: Sequence[Episode], path: Path, slo_ttft_s: float | None,
                    title: str = "") -> Path:
-    from loadgen.plots import _pyplot
+    from loadgen.plots import plot_mode_cdfs as plot_cdfs
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, attr, name in ((axes[0], "ttft_s", "Time to first token"),
-                           (axes[1], "e2e_s", "End-to-end latency")):
-        for res in results:
-            values = sorted(v for r in res.records if r.ok and (v := getattr(r, attr)) is not None)
-            if values:
-                n = len(values)
-                ax.step(values, [(i + 1) / n for i in range(n)], where="post",
-                        color=_COLORS.get(res.mode.name), label=res.mode.name)
-        if attr == "ttft_s" and slo_ttft_s is not None:
-            ax.axvline(slo_ttft_s, color="gray", linestyle="--", linewidth=1, label="SLO")
-        ax.set_title(name)
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("fraction of requests")
-        ax.set_ylim(0, 1.02)
-        ax.set_xlim(left=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_cdfs({res.mode.name: res.records for res in results}, path, slo_ttft_s, title)
 
 
 def plot_mode_timelines(results: Sequence[Episode], path: Path, title: str = "") -> Path:
-    from loadgen.plots import _pyplot
+    from loadgen.plots import MODE_COLORS, _pyplot
     from loadgen.stats import per_second
 
     plt = _pyplot()
@@ -1138,7 +1110,7 @@ def plot_mode_timelines(results: Sequence[Episode], path: Path, title: str = "")
                                                               sharex=True)
     end = 1.0
     for res in results:
-        color = _COLORS.get(res.mode.name)
+        color = MODE_COLORS.get(res.mode.name)
         points = [(p.time - res.started_wall, p) for p in res.router]
         for ax, attr in ((inst_ax, "instances"), (pipe_ax, "pipelines"),
                          (queue_ax, "queue_depth")):

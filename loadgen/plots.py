@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,46 @@ def plot_timeline(records: Sequence[RequestRecord], path: Path, *,
         cluster_ax.set_yticks([])
     cluster_ax.set_xlabel("seconds since start of run")
     cluster_ax.set_xlim(0, end)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# one colour per mode in every plot of the burst bench and the simulator
+MODE_COLORS = {"lambdascale": "tab:green", "multicast_only": "tab:blue", "serverlessllm": "tab:red",
+               "store_pull": "tab:orange", "faasnet": "tab:purple"}
+
+
+def plot_mode_cdfs(records: Mapping[str, Sequence[RequestRecord]], path: Path,
+                   slo_ttft_s: float | None, title: str = "", *, label: str = "",
+                   log_x: bool = False) -> Path:
+    """TTFT and end-to-end CDFs of every mode side by side (bench-e2e and the simulator);
+    ``label`` is added to each panel's title (the simulator's "(simulated)")."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, attr, name in ((axes[0], "ttft_s", "Time to first token"),
+                           (axes[1], "e2e_s", "End-to-end latency")):
+        for mode, recs in records.items():
+            values = sorted(v for r in recs if r.ok and (v := getattr(r, attr)) is not None)
+            if values:
+                n = len(values)
+                ax.step(values, [(i + 1) / n for i in range(n)], where="post",
+                        color=MODE_COLORS.get(mode), label=mode)
+        if attr == "ttft_s" and slo_ttft_s is not None:
+            ax.axvline(slo_ttft_s, color="gray", linestyle="--", linewidth=1, label="SLO")
+        ax.set_title(f"{name} {label}".strip())
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("fraction of requests")
+        if log_x:
+            ax.set_xscale("log")
+        else:
+            ax.set_xlim(left=0)
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

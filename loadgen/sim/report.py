@@ -88,50 +88,22 @@ def write_mode(result: dict[str, Any], out_dir: Path, slo: Slo) -> dict[str, str
     return {"requests": str(out_dir / "requests.csv"), "summary": str(out_dir / "summary.json")}
 
 
-_COLORS = {"lambdascale": "tab:green", "multicast_only": "tab:blue", "serverlessllm": "tab:red",
-           "store_pull": "tab:orange", "faasnet": "tab:purple"}
-
-
 def plot_cdfs(results: dict[str, dict[str, Any]], path: Path, slo_ttft_s: float | None,
               title: str = "") -> Path:
-    from loadgen.plots import _pyplot
+    from loadgen.plots import plot_mode_cdfs
 
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, attr, name in ((axes[0], "ttft_s", "Time to first token"),
-                           (axes[1], "e2e_s", "End-to-end latency")):
-        for mode, res in results.items():
-            values = sorted(v for r in res["_records"] if r.ok
-                            and (v := getattr(r, attr)) is not None)
-            if values:
-                n = len(values)
-                ax.step(values, [(i + 1) / n for i in range(n)], where="post",
-                        color=_COLORS.get(mode), label=mode)
-        if attr == "ttft_s" and slo_ttft_s is not None:
-            ax.axvline(slo_ttft_s, color="gray", linestyle="--", linewidth=1, label="SLO")
-        ax.set_title(f"{name} (simulated)")
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("fraction of requests")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.02)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_mode_cdfs({mode: res["_records"] for mode, res in results.items()}, path,
+                          slo_ttft_s, title, label="(simulated)", log_x=True)
 
 
 def plot_timelines(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    from loadgen.plots import _pyplot
+    from loadgen.plots import MODE_COLORS, _pyplot
 
     plt = _pyplot()
     fig, (inst_ax, queue_ax) = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
     for mode, res in results.items():
         tl: Sequence[tuple[float, int, int, int, int]] = res["_timeline"]
-        color = _COLORS.get(mode)
+        color = MODE_COLORS.get(mode)
         inst_ax.step([p[0] for p in tl], [p[1] for p in tl], where="post", color=color,
                      label=f"{mode}: local instances")
         if any(p[2] for p in tl):
